@@ -1,0 +1,169 @@
+"""The `vlm-patterns` command line: convert, export, verify, generate, tiny, demo."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import llava
+
+CONVERTERS = {"llava": llava.convert_llava}
+EXPORTERS = {"llava": llava.export_llava}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _size(text: str) -> int:
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def cmd_convert(args) -> int:
+    from .verify import verify_llava
+
+    kwargs = dict(dtype=DTYPES.get(args.dtype), overwrite=args.overwrite, max_shard_bytes=_size(args.max_shard_size))
+    if args.vision_tower:
+        kwargs["vision_tower"] = args.vision_tower
+    output = CONVERTERS[args.family](args.source, args.output, **kwargs)
+    print(f"Converted {args.source} -> {output}")
+    if args.verify:
+        report = verify_llava(args.source, output, device=args.device, vision_tower=args.vision_tower)
+        print(report.summary())
+        if not report.passed:
+            return 1
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        url = push_folder(output, args.push_to_hub, args.family, source=str(args.source), private=args.private)
+        print(f"Pushed to {url}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    output = EXPORTERS[args.family](args.ours, args.output, overwrite=args.overwrite)
+    print(f"Exported {args.ours} -> {output} (transformers' layout)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify_llava
+
+    report = verify_llava(args.source, args.converted, device=args.device, dtype=DTYPES[args.dtype], vision_tower=args.vision_tower)
+    print(report.summary())
+    return 0 if report.passed else 1
+
+
+def cmd_generate(args) -> int:
+    from .generate import main
+
+    return main(args)
+
+
+def cmd_tiny(args) -> int:
+    from .tiny import build_tiny_llava_hf
+
+    build_tiny_llava_hf(args.output, seed=args.seed)
+    print(f"Wrote a tiny random {args.family} checkpoint in the public layout to {args.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Build a tiny public-layout LLaVA, convert it with parity verification, and answer a prompt with it."""
+    from .generate import generate, load
+    from .tiny import build_tiny_llava_hf, example_image
+    from .verify import verify_llava
+
+    workdir = Path(args.workdir)
+    source, converted = workdir / "llava-hf-tiny", workdir / "llava-tiny"
+    if not source.exists():
+        build_tiny_llava_hf(source)
+        print(f"1. built a tiny random LLaVA in the llava-hf layout: {source}")
+    if not converted.exists():
+        llava.convert_llava(source, converted)
+        print(f"2. converted it to ours: {converted}")
+    report = verify_llava(source, converted)
+    print("3. parity with transformers' LlavaForConditionalGeneration:\n" + report.summary())
+    image_path = workdir / "example.png"
+    example_image(320, 240, seed=1).save(image_path)
+    model, processor = load(converted)
+    print(f"4. USER: <{image_path.name}> {args.prompt}\n   ASSISTANT (random weights, so the words are noise):", end=" ")
+    generate(model, processor, [str(image_path)], args.prompt, max_new_tokens=args.max_new_tokens, stream=sys.stdout)
+    print()
+    return 0 if report.passed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-patterns", description="The VLM architecture patterns, on Hugging Face.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a public checkpoint (Hub id or folder) into ours")
+    p.add_argument("family", choices=sorted(CONVERTERS))
+    p.add_argument("source", help="Hub repository id or local folder in the public layout")
+    p.add_argument("output", help="folder to create")
+    p.add_argument("--verify", action="store_true", help="check parity with transformers' reference afterwards")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights (default: keep the checkpoint's)")
+    p.add_argument("--vision-tower", help="original LLaVA layout: the CLIP tower (default: the config's mm_vision_tower)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the result, with a model card, to this Hub repository")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 2GB, 500MB)")
+    p.add_argument("--device", default="cpu", help="device for --verify")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write our checkpoint in transformers' own layout (for vLLM, SGLang, ...)")
+    p.add_argument("family", choices=sorted(EXPORTERS))
+    p.add_argument("ours")
+    p.add_argument("output")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="parity of a converted checkpoint with transformers' reference")
+    p.add_argument("family", choices=sorted(CONVERTERS))
+    p.add_argument("source")
+    p.add_argument("converted")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--vision-tower")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("generate", help="answer a prompt about images with a checkpoint")
+    p.add_argument("model", help="checkpoint folder or Hub id")
+    p.add_argument("--image", action="append", help="image file (repeat for several)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto")
+    p.add_argument("--raw-prompt", action="store_true", help="use the prompt as is, without the chat template")
+    p.add_argument("--trust-remote-code", action="store_true", help="load the model code from the checkpoint")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tiny", help="write a tiny random checkpoint in a public layout (for tests and demos)")
+    p.add_argument("family", choices=["llava"])
+    p.add_argument("output")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("demo", help="build, convert, verify and run a tiny LLaVA, offline")
+    p.add_argument("--workdir", default="vlm-patterns-demo")
+    p.add_argument("--prompt", default="What is in the image?")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

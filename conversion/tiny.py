@@ -1,0 +1,249 @@
+"""Tiny checkpoints in the public layouts, built with transformers' own classes and random weights.
+
+No machine this project is built on reaches the Hub, so parity tests, the benchmark and the README's demo
+build their source checkpoints here: transformers' reference model (e.g. `LlavaForConditionalGeneration`)
+with a small config, saved exactly as the public repositories are, plus a byte-level BPE tokenizer
+trained on a few sentences. Converting such a folder exercises the same path as a real download.
+"""
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerFast
+
+from processing.processing_llava import LLAVA_CHAT_TEMPLATE
+
+TINY_CORPUS = [
+    "USER: What is in the image? ASSISTANT: A red circle on a blue square.",
+    "USER: Describe the picture. ASSISTANT: There are two green triangles and a yellow star.",
+    "USER: How many objects are there? ASSISTANT: Three objects: a cat, a dog and a bird.",
+    "USER: What colour is the car? ASSISTANT: The car is white, parked left of the tree.",
+    "USER: Read the word. ASSISTANT: The word says hello world.",
+    "A photo of a small brown dog running on green grass under the sun.",
+    "The quick brown fox jumps over the lazy dog; 0 1 2 3 4 5 6 7 8 9.",
+    "Left, right, above, below, next to, in front of, behind, inside, outside.",
+    "Answer the question about the image briefly and correctly, please.",
+]
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+
+def build_tokenizer(vocab_size: int = 384, special_tokens: list[str] = SPECIAL_TOKENS) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes) that prepends `<s>`, like Llama's."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TINY_CORPUS * 4, trainer)
+    bos_id = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def rename_saved_keys(folder: Path, rename: Callable[[str], str]) -> None:
+    """Rename the tensors of a single-file checkpoint in place."""
+    path = Path(folder) / "model.safetensors"
+    state = load_file(path)
+    save_file({rename(key): tensor for key, tensor in state.items()}, path, metadata={"format": "pt"})
+
+
+def example_image(width: int = 96, height: int = 64, seed: int = 0) -> PIL.Image.Image:
+    """A small synthetic scene (gradient background, a few coloured shapes), deterministic by seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), np.full_like(x, 128)], -1)
+    image = PIL.Image.fromarray(base.astype(np.uint8))
+    draw = PIL.ImageDraw.Draw(image)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, width - 8)), int(rng.integers(0, height - 8))
+        size = int(rng.integers(6, max(8, min(width, height) // 2)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([x0, y0, x0 + size, y0 + size], fill=colour)
+    return image
+
+
+def build_tiny_llava_hf(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 3,
+    text_hidden_size: int = 64,
+    text_layers: int = 2,
+    num_heads: int = 4,
+    num_key_value_heads: int = 2,
+    vision_feature_layer: int | list[int] = -2,
+    vision_feature_select_strategy: str = "default",
+    tie_word_embeddings: bool = False,
+    initializer_range: float = 0.2,
+) -> Path:
+    """A random `LlavaForConditionalGeneration` + `LlavaProcessor` saved in the llava-hf layout."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    folder = Path(folder)
+    tokenizer = build_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden_size,
+        intermediate_size=text_hidden_size * 2 + 8,
+        num_hidden_layers=text_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        initializer_range=initializer_range,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_hidden_size * 2 + 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=num_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden_size,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=(image_size // patch_size) ** 2 + (vision_feature_select_strategy == "full"),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers zero-initialises biases and norms; random ones test more of the mapping
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    # transformers 5.24 saves the CLIP tower as `vision_tower.*`; the Hub's llava-hf files say `vision_tower.vision_model.*`.
+    rename_saved_keys(folder, lambda key: re.sub(r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", key))
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_clip(folder: str | Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32, layers: int = 3) -> Path:
+    """A random `CLIPModel` (text and vision halves, as `openai/clip-vit-large-patch14-336` is) and its
+    image processor, saved in the Hub layout."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    folder = Path(folder)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=1, num_attention_heads=4, vocab_size=64),
+        vision_config=dict(
+            hidden_size=hidden_size, intermediate_size=hidden_size * 2 + 4, num_hidden_layers=layers,
+            num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+        ),
+        projection_dim=hidden_size,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_llava_original(
+    folder: str | Path,
+    tower: str | Path,
+    *,
+    seed: int = 0,
+    projector_type: str = "mlp2x_gelu",
+    select_layer: int = -2,
+    select_feature: str = "patch",
+    image_aspect_ratio: str = "pad",
+    text_hidden_size: int = 64,
+    text_layers: int = 2,
+    num_shards: int = 2,
+) -> Path:
+    """A random original-layout LLaVA (`LlavaLlamaForCausalLM`: Llama weights + `model.mm_projector.*`, a
+    tokenizer without `<image>` or a pad token, `.bin` shards) pointing at the CLIP tower in `tower`."""
+    import json
+
+    from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
+
+    folder, tower = Path(folder), Path(tower)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.pad_token = None
+    vision = CLIPVisionConfig.from_pretrained(tower)
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=text_hidden_size, intermediate_size=text_hidden_size * 2 + 8,
+        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        rms_norm_eps=1e-5, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    state = LlamaForCausalLM(llama).state_dict()
+    projector = [torch.nn.Linear(vision.hidden_size, text_hidden_size)]
+    if projector_type == "mlp2x_gelu":
+        projector += [torch.nn.GELU(), torch.nn.Linear(text_hidden_size, text_hidden_size)]
+    for i, layer in enumerate(projector):
+        prefix = "model.mm_projector" if projector_type == "linear" else f"model.mm_projector.{i}"
+        for name, tensor in layer.state_dict().items():
+            state[f"{prefix}.{name}"] = tensor
+    state = {key: tensor.clone() for key, tensor in state.items()}  # untie shared storage before saving
+    keys = sorted(state)
+    shards = [keys[i::num_shards] for i in range(num_shards)]
+    weight_map = {}
+    for i, shard_keys in enumerate(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
+        torch.save({key: state[key] for key in shard_keys}, folder / name)
+        weight_map.update(dict.fromkeys(shard_keys, name))
+    with open(folder / "pytorch_model.bin.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+    config = llama.to_dict()
+    config.update(
+        architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", mm_projector_type=projector_type,
+        mm_hidden_size=vision.hidden_size, mm_vision_tower=str(tower), mm_vision_select_layer=select_layer,
+        mm_vision_select_feature=select_feature, image_aspect_ratio=image_aspect_ratio, mm_use_im_start_end=False,
+        mm_use_im_patch_token=False, mm_patch_merge_type="flat", tokenizer_padding_side="right", torch_dtype="float32",
+    )  # fmt: skip
+    config.pop("dtype", None)
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f, indent=2, default=str)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,194 @@
+"""Parity of a converted checkpoint with transformers' reference implementation on the same weights.
+
+Both models get the same tensors (our processor's output); we compare the logits of the whole prompt,
+greedy tokens, and the processors themselves (token ids identical, pixels within one 8-bit level).
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from .checkpoint_io import read_json, resolve_source
+
+# Largest logit difference accepted per dtype: float32 rounding for fp32, the dtype's own rounding otherwise.
+LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+@dataclass
+class ParityReport:
+    max_logit_diff: float
+    logit_tolerance: float
+    reference_tokens: list[int]
+    our_tokens: list[int]
+    input_ids_equal: bool
+    max_pixel_diff_levels: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.input_ids_equal
+            and self.max_pixel_diff_levels <= 1.0 + 1e-3
+            and self.max_logit_diff <= self.logit_tolerance
+            and self.reference_tokens == self.our_tokens
+        )
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        lines = [
+            f"{verdict}: max |logit diff| {self.max_logit_diff:.3g} (tolerance {self.logit_tolerance:g})",
+            f"  token ids identical: {self.input_ids_equal}; pixels within {self.max_pixel_diff_levels:.2f} 8-bit levels",
+            f"  greedy tokens  reference {self.reference_tokens}",
+            f"                 ours      {self.our_tokens}",
+        ]
+        return "\n".join(lines + [f"  {note}" for note in self.notes])
+
+
+def default_test_image() -> PIL.Image.Image:
+    from .tiny import example_image
+
+    return example_image(320, 240, seed=1)
+
+
+def _compare(reference, ours, inputs: dict, max_new_tokens: int) -> tuple[float, list[int], list[int]]:
+    with torch.no_grad():
+        reference_logits = reference(**inputs).logits.float()
+        our_logits = ours(**inputs).logits.float()
+    diff = (reference_logits - our_logits).abs().max().item()
+    generate = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    prompt_length = inputs["input_ids"].shape[1]
+    reference_tokens = reference.generate(**inputs, **generate)[0, prompt_length:].tolist()
+    our_tokens = ours.generate(**inputs, **generate)[0, prompt_length:].tolist()
+    return diff, reference_tokens, our_tokens
+
+
+def verify_llava(
+    source: str | Path,
+    converted: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    image: PIL.Image.Image | None = None,
+    question: str = "What is in the image?",
+    max_new_tokens: int = 8,
+    vision_tower: str | Path | None = None,
+) -> ParityReport:
+    """Our converted LLaVA vs the reference: transformers' `LlavaForConditionalGeneration` for llava-hf
+    sources, or, for the original layout, the original LLaVA forward assembled from transformers'
+    `CLIPVisionModel` and `LlamaForCausalLM` loaded from the original files."""
+    import modeling  # noqa: F401  (registers our classes with the Auto API)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source_dir = resolve_source(source)
+    image = image or default_test_image()
+    processor = AutoProcessor.from_pretrained(converted)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=image, text=prompt)
+    ours = AutoModelForImageTextToText.from_pretrained(converted, dtype=dtype).to(device).eval()
+
+    if "mm_projector_type" in read_json(source_dir / "config.json") or "mm_vision_tower" in read_json(source_dir / "config.json"):
+        reference = OriginalLlavaReference(source_dir, ours, vision_tower, dtype=dtype).to(device)
+        reference_inputs = reference.process(image, prompt)
+    else:
+        from transformers import LlavaForConditionalGeneration
+
+        reference = LlavaForConditionalGeneration.from_pretrained(source_dir, dtype=dtype).to(device).eval()
+        reference_inputs = AutoProcessor.from_pretrained(source_dir)(images=image, text=prompt, return_tensors="pt")
+
+    ids_equal = torch.equal(reference_inputs["input_ids"], inputs["input_ids"])
+    pixel_levels = _pixel_levels(reference_inputs["pixel_values"], inputs["pixel_values"], processor.image_processor.image_std)
+    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    diff, reference_tokens, our_tokens = _compare(reference, ours, inputs, max_new_tokens)
+    return ParityReport(diff, LOGIT_TOLERANCE[dtype], reference_tokens, our_tokens, ids_equal, pixel_levels)
+
+
+def _pixel_levels(reference: torch.Tensor, ours: torch.Tensor, std: list[float]) -> float:
+    """The largest pixel difference in 8-bit levels (undoing the normalisation's division by std)."""
+    scale = torch.tensor(std).view(1, -1, 1, 1) * 255
+    return ((reference.float() - ours.float()).abs() * scale).max().item()
+
+
+class OriginalLlavaReference(torch.nn.Module):
+    """The original LLaVA forward from transformers' parts: CLIP hidden states of the selected layer (class
+    token dropped for `patch`), the projector from the checkpoint, features written over the `<image>`
+    embeddings of `LlamaForCausalLM`. The new vocabulary rows are the converter's own choice (random draws),
+    so they are copied from the converted model rather than compared."""
+
+    def __init__(self, llava_folder: Path, converted_model, vision_tower: str | Path | None, dtype=torch.float32):
+        super().__init__()
+        from transformers import AutoTokenizer, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaImageProcessorPil
+
+        from .llava import extend_tokenizer
+
+        hf_config = read_json(llava_folder / "config.json")
+        tower = resolve_source(vision_tower or hf_config["mm_vision_tower"])
+        self.clip = CLIPVisionModel.from_pretrained(tower, dtype=dtype).eval()
+        llama_config = LlamaConfig.from_dict({k: v for k, v in hf_config.items() if not k.startswith("mm_") and k != "model_type"})
+        self.llama = LlamaForCausalLM.from_pretrained(llava_folder, config=llama_config, dtype=dtype).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(llava_folder)
+        self.image_token_id, _ = extend_tokenizer(self.tokenizer)
+        vocab = converted_model.config.text_config.vocab_size
+        old = self.llama.get_input_embeddings().weight.shape[0]
+        self.llama.resize_token_embeddings(vocab)
+        with torch.no_grad():
+            self.llama.get_input_embeddings().weight[old:] = converted_model.get_input_embeddings().weight[old:]
+            self.llama.get_output_embeddings().weight[old:] = converted_model.get_output_embeddings().weight[old:]
+        self.select_layer = hf_config.get("mm_vision_select_layer", -2)
+        self.keep_cls = hf_config.get("mm_vision_select_feature", "patch") == "cls_patch"
+        image_config = read_json(tower / "preprocessor_config.json")
+        self.image_processor = LlavaImageProcessorPil(
+            size=image_config["size"], crop_size=image_config["crop_size"], do_pad=hf_config.get("image_aspect_ratio") == "pad"
+        )
+        self.generation_config = self.llama.generation_config
+        projector_state = _llava_projector_state(llava_folder)
+        self.projector_layers = _projector_from_state(projector_state, hf_config.get("mm_projector_type", "linear"), dtype)
+
+    def process(self, image, prompt: str) -> dict:
+        pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"]
+        n = self.clip.config.image_size // self.clip.config.patch_size
+        count = n * n + self.keep_cls
+        ids = self.tokenizer(prompt)["input_ids"]
+        expanded = []
+        for token in ids:
+            expanded.extend([token] * count if token == self.image_token_id else [token])
+        return {"input_ids": torch.tensor([expanded]), "pixel_values": pixel_values}
+
+    def embed(self, input_ids, pixel_values):
+        embeds = self.llama.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        hidden = self.clip(pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
+        features = self.projector_layers(hidden if self.keep_cls else hidden[:, 1:])
+        mask = (input_ids == self.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(mask, features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
+        return self.llama(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask)
+
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=8, do_sample=False):
+        embeds = self.embed(input_ids, pixel_values)
+        new = self.llama.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample)
+        return torch.cat([input_ids, new], dim=1)
+
+
+def _llava_projector_state(folder: Path) -> dict[str, torch.Tensor]:
+    from .checkpoint_io import iter_shard, weight_files
+
+    return {k: v for path in weight_files(folder) for k, v in iter_shard(path) if k.startswith("model.mm_projector.")}
+
+
+def _projector_from_state(state: dict, projector_type: str, dtype) -> torch.nn.Module:
+    def linear(prefix):
+        weight, bias = state[f"{prefix}.weight"], state[f"{prefix}.bias"]
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        layer.load_state_dict({"weight": weight, "bias": bias})
+        return layer
+
+    if projector_type == "linear":
+        return linear("model.mm_projector").to(dtype)
+    return torch.nn.Sequential(linear("model.mm_projector.0"), torch.nn.GELU(), linear("model.mm_projector.2")).to(dtype)

@@ -1,0 +1,44 @@
+"""Configs and models of the four VLM patterns; importing this package registers them with the Auto classes.
+
+After `import modeling`, `AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor` and
+`AutoImageProcessor` resolve our model types; `save_pretrained` output also loads anywhere with
+`trust_remote_code=True`, because each class registers itself for the Auto class that loads it.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from processing import LlavaPatternImageProcessor, LlavaPatternProcessor
+
+from .configuration_backbones import TextDecoderConfig, VisionTowerConfig
+from .configuration_llava import LlavaPatternConfig
+from .modeling_llava import LlavaPatternForConditionalGeneration, LlavaPatternModel
+
+FAMILIES = {
+    "llava": (LlavaPatternConfig, LlavaPatternModel, LlavaPatternForConditionalGeneration, LlavaPatternProcessor, LlavaPatternImageProcessor),
+}
+
+
+def _register(config_class, model_class, generation_class, processor_class, image_processor_class) -> None:
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
+    AutoModelForImageTextToText.register(config_class, generation_class, exist_ok=True)
+    AutoProcessor.register(config_class, processor_class, exist_ok=True)
+    AutoImageProcessor.register(config_class, image_processor_classes={"pil": image_processor_class}, exist_ok=True)
+    config_class.register_for_auto_class()
+    model_class.register_for_auto_class("AutoModel")
+    generation_class.register_for_auto_class("AutoModelForImageTextToText")
+    processor_class.register_for_auto_class("AutoProcessor")
+    image_processor_class.register_for_auto_class("AutoImageProcessor")
+
+
+for _classes in FAMILIES.values():
+    _register(*_classes)
+
+__all__ = [
+    "FAMILIES",
+    "LlavaPatternConfig",
+    "LlavaPatternForConditionalGeneration",
+    "LlavaPatternModel",
+    "TextDecoderConfig",
+    "VisionTowerConfig",
+]
