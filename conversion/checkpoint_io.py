@@ -122,11 +122,15 @@ class ShardWriter:
         """Name the shards by their final count and write the index; returns the shard file names."""
         self.flush()
         count = len(self.shards)
-        names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
         for i, name in enumerate(names):
             os.replace(self.folder / f"shard-{i:05d}.tmp", self.folder / name)
         if count > 1:
-            weight_map = {key: name for name, keys in zip(names, self.shards) for key in keys}
+            weight_map = {key: name for name, keys in zip(names, self.shards, strict=True) for key in keys}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             with open(self.folder / "model.safetensors.index.json", "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)

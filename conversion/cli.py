@@ -51,7 +51,9 @@ def cmd_export(args) -> int:
 def cmd_verify(args) -> int:
     from .verify import verify_llava
 
-    report = verify_llava(args.source, args.converted, device=args.device, dtype=DTYPES[args.dtype], vision_tower=args.vision_tower)
+    report = verify_llava(
+        args.source, args.converted, device=args.device, dtype=DTYPES[args.dtype], vision_tower=args.vision_tower
+    )
     print(report.summary())
     return 0 if report.passed else 1
 
@@ -89,7 +91,9 @@ def cmd_demo(args) -> int:
     image_path = workdir / "example.png"
     example_image(320, 240, seed=1).save(image_path)
     model, processor = load(converted)
-    print(f"4. USER: <{image_path.name}> {args.prompt}\n   ASSISTANT (random weights, so the words are noise):", end=" ")
+    print(
+        f"4. USER: <{image_path.name}> {args.prompt}\n   ASSISTANT (random weights, so the words are noise):", end=" "
+    )
     generate(model, processor, [str(image_path)], args.prompt, max_new_tokens=args.max_new_tokens, stream=sys.stdout)
     print()
     return 0 if report.passed else 1
@@ -105,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder to create")
     p.add_argument("--verify", action="store_true", help="check parity with transformers' reference afterwards")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights (default: keep the checkpoint's)")
-    p.add_argument("--vision-tower", help="original LLaVA layout: the CLIP tower (default: the config's mm_vision_tower)")
+    p.add_argument(
+        "--vision-tower", help="original LLaVA layout: the CLIP tower (default: the config's mm_vision_tower)"
+    )
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the result, with a model card, to this Hub repository")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

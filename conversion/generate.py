@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
 
 
-def load(model_path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+def load(
+    model_path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False
+):
     """Model (eval mode, on `device`) and processor of a checkpoint folder or Hub id."""
     import modeling  # noqa: F401  (registers our model types with the Auto classes)
 
@@ -46,7 +48,9 @@ def generate(
     inputs = build_inputs(processor, images, prompt, raw_prompt).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
     errors = []

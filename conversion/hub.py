@@ -50,7 +50,9 @@ def model_card(folder: str | Path, repo_id: str, family: str, source: str | None
         base_model=f"base_model:\n- {source}\n" if source else "",
         pattern=PATTERNS.get(family, family),
         provenance=f"Converted from [{source}](https://huggingface.co/{source}) with `vlm-patterns convert {family}`; "
-        "the weights are unchanged." if source else "",
+        "the weights are unchanged."
+        if source
+        else "",
         repo_id=repo_id,
         architecture=architecture,
     )

@@ -87,7 +87,9 @@ def check_against(
         if key not in expected:
             raise KeyError(f"The conversion produced {key!r}, which the target model does not have")
         if tensor.shape != expected[key]:
-            raise ValueError(f"{key}: the checkpoint has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key])}")
+            raise ValueError(
+                f"{key}: the checkpoint has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key])}"
+            )
         seen.add(key)
         yield key, tensor
     missing = sorted(set(expected) - seen)

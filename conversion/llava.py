@@ -166,7 +166,9 @@ def config_to_llava_hf(config: LlavaPatternConfig):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     if config.projector_type != "mlp2x_gelu":
-        raise NotImplementedError("transformers' LlavaForConditionalGeneration has no single-linear projector (LLaVA-1)")
+        raise NotImplementedError(
+            "transformers' LlavaForConditionalGeneration has no single-linear projector (LLaVA-1)"
+        )
     text, vision = config.text_config, config.vision_config
     if text.norm_type != "rmsnorm" or text.mlp_type != "gated" or text.qk_norm or text.qkv_bias != text.output_bias:
         raise NotImplementedError("Only a Llama language model exports to the llava-hf layout")
@@ -236,7 +238,9 @@ def _source_image_config(folder: Path) -> dict:
             return nested
     if (folder / "preprocessor_config.json").exists():
         return read_json(folder / "preprocessor_config.json")
-    raise FileNotFoundError(f"No image processor config (processor_config.json or preprocessor_config.json) in {folder}")
+    raise FileNotFoundError(
+        f"No image processor config (processor_config.json or preprocessor_config.json) in {folder}"
+    )
 
 
 def _source_chat_template(folder: Path) -> str | None:
@@ -330,7 +334,9 @@ def _generation_config(folder: Path, config: LlavaPatternConfig) -> GenerationCo
     if (folder / "generation_config.json").exists():
         return GenerationConfig.from_pretrained(folder)
     text = config.text_config
-    return GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+    return GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,7 +350,9 @@ def _original_config(hf_config: dict, clip_config: dict, vocab_size: int, image_
     if projector not in ("linear", "mlp2x_gelu"):
         raise NotImplementedError(f"mm_projector_type {projector!r} is not supported (linear and mlp2x_gelu are)")
     if hf_config.get("mm_use_im_start_end"):
-        raise NotImplementedError("Checkpoints trained with <im_start>/<im_end> tokens (mm_use_im_start_end) are not supported")
+        raise NotImplementedError(
+            "Checkpoints trained with <im_start>/<im_end> tokens (mm_use_im_start_end) are not supported"
+        )
     select = hf_config.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise NotImplementedError(f"mm_vision_select_feature {select!r} is not supported (patch and cls_patch are)")
@@ -417,7 +425,9 @@ class VocabularyPadding:
 def _convert_original(folder, hf_config, output, dtype, vision_tower, overwrite, max_shard_bytes, seed) -> Path:
     tower_source = vision_tower or hf_config.get("mm_vision_tower")
     if tower_source is None:
-        raise ValueError("The original LLaVA layout needs the CLIP tower: pass vision_tower (e.g. openai/clip-vit-large-patch14-336)")
+        raise ValueError(
+            "The original LLaVA layout needs the CLIP tower: pass vision_tower (e.g. openai/clip-vit-large-patch14-336)"
+        )
     tower = resolve_source(tower_source, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     image_token_id, pad_token_id = extend_tokenizer(tokenizer)
@@ -431,7 +441,9 @@ def _convert_original(folder, hf_config, output, dtype, vision_tower, overwrite,
     tensors = _source_tensors(llava_files, "converting LLaVA shards")
     items = VocabularyPadding(vocab_size, seed)(KeyMap(ORIGINAL_RULES).apply(tensors))
     if not has_tower:
-        items = _chain(items, KeyMap(CLIP_TOWER_RULES).apply(_source_tensors(weight_files(tower), "adding the CLIP tower")))
+        items = _chain(
+            items, KeyMap(CLIP_TOWER_RULES).apply(_source_tensors(weight_files(tower), "adding the CLIP tower"))
+        )
 
     image_config = _source_image_config(tower)
     image_processor = _image_processor_from_json(image_config, do_pad=hf_config.get("image_aspect_ratio") == "pad")
@@ -452,7 +464,9 @@ def _chain(*iterators):
 # Export
 
 
-def export_llava(ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3) -> Path:
+def export_llava(
+    ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3
+) -> Path:
     """Write our LLaVA checkpoint in transformers' `LlavaForConditionalGeneration` layout (config, weights,
     `LlavaProcessor` files), which transformers, vLLM and SGLang load. Tensors are copied bit for bit."""
     from transformers import LlavaImageProcessorPil, LlavaProcessor

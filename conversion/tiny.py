@@ -14,8 +14,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from processing.processing_llava import LLAVA_CHAT_TEMPLATE
@@ -51,8 +51,9 @@ def build_tokenizer(vocab_size: int = 384, special_tokens: list[str] = SPECIAL_T
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
     )
+    pad = {"pad_token": "<pad>"} if "<pad>" in special_tokens else {}
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **pad
     )
 
 
@@ -77,6 +78,15 @@ def example_image(width: int = 96, height: int = 64, seed: int = 0) -> PIL.Image
         shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
         shape([x0, y0, x0 + size, y0 + size], fill=colour)
     return image
+
+
+def photo_like_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
+    """`example_image` as a camera would see it: edges softened by the lens, plus mild sensor noise."""
+    import PIL.ImageFilter
+
+    image = example_image(width, height, seed).filter(PIL.ImageFilter.GaussianBlur(max(1.0, min(width, height) / 200)))
+    noise = np.random.default_rng(seed).normal(0, 3, (height, width, 3))
+    return PIL.Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
 
 
 def build_tiny_llava_hf(
@@ -151,7 +161,9 @@ def build_tiny_llava_hf(
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
     # transformers 5.24 saves the CLIP tower as `vision_tower.*`; the Hub's llava-hf files say `vision_tower.vision_model.*`.
-    rename_saved_keys(folder, lambda key: re.sub(r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", key))
+    rename_saved_keys(
+        folder, lambda key: re.sub(r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", key)
+    )
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
@@ -167,14 +179,25 @@ def build_tiny_llava_hf(
     return folder
 
 
-def build_tiny_clip(folder: str | Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32, layers: int = 3) -> Path:
+def build_tiny_clip(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    layers: int = 3,
+) -> Path:
     """A random `CLIPModel` (text and vision halves, as `openai/clip-vit-large-patch14-336` is) and its
     image processor, saved in the Hub layout."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     folder = Path(folder)
     config = CLIPConfig(
-        text_config=dict(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=1, num_attention_heads=4, vocab_size=64),
+        text_config=dict(
+            hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=1, num_attention_heads=4,
+            vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ),
         vision_config=dict(
             hidden_size=hidden_size, intermediate_size=hidden_size * 2 + 4, num_hidden_layers=layers,
             num_attention_heads=4, image_size=image_size, patch_size=patch_size,
@@ -183,7 +206,9 @@ def build_tiny_clip(folder: str | Path, *, seed: int = 0, image_size: int = 32, 
     )  # fmt: skip
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(folder)
     return folder
 
 
@@ -208,8 +233,7 @@ def build_tiny_llava_original(
 
     folder, tower = Path(folder), Path(tower)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(special_tokens=["<unk>", "<s>", "</s>"])
-    tokenizer.pad_token = None
+    tokenizer = build_tokenizer(special_tokens=["<unk>", "<s>", "</s>"])  # like Llama's: no pad, no <image>
     vision = CLIPVisionConfig.from_pretrained(tower)
     llama = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=text_hidden_size, intermediate_size=text_hidden_size * 2 + 8,

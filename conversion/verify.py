@@ -16,6 +16,18 @@ from .checkpoint_io import read_json, resolve_source
 LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
+def pixel_agreement(reference: torch.Tensor, ours: torch.Tensor, std: list[float]) -> tuple[float, float]:
+    """(largest difference, share of values within one level), in 8-bit levels (undoing the division by std)."""
+    levels = (reference.float() - ours.float()).abs() * torch.tensor(std).view(1, -1, 1, 1) * 255
+    return levels.max().item(), (levels <= 1.0 + 1e-3).float().mean().item()
+
+
+def pixels_agree(max_levels: float, share_within_one: float) -> bool:
+    """Our torch resize against PIL: on photographs at most two levels apart, nearly all pixels within one
+    (processing/image_ops.py explains the rounding behind the rare two)."""
+    return max_levels <= 2.0 + 1e-3 and share_within_one >= 0.9999
+
+
 @dataclass
 class ParityReport:
     max_logit_diff: float
@@ -24,13 +36,14 @@ class ParityReport:
     our_tokens: list[int]
     input_ids_equal: bool
     max_pixel_diff_levels: float
+    share_pixels_within_one_level: float
     notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return (
             self.input_ids_equal
-            and self.max_pixel_diff_levels <= 1.0 + 1e-3
+            and pixels_agree(self.max_pixel_diff_levels, self.share_pixels_within_one_level)
             and self.max_logit_diff <= self.logit_tolerance
             and self.reference_tokens == self.our_tokens
         )
@@ -39,7 +52,8 @@ class ParityReport:
         verdict = "PASS" if self.passed else "FAIL"
         lines = [
             f"{verdict}: max |logit diff| {self.max_logit_diff:.3g} (tolerance {self.logit_tolerance:g})",
-            f"  token ids identical: {self.input_ids_equal}; pixels within {self.max_pixel_diff_levels:.2f} 8-bit levels",
+            f"  token ids identical: {self.input_ids_equal}; pixels at most {self.max_pixel_diff_levels:.2f} 8-bit levels "
+            f"apart, {100 * self.share_pixels_within_one_level:.3f}% within one",
             f"  greedy tokens  reference {self.reference_tokens}",
             f"                 ours      {self.our_tokens}",
         ]
@@ -47,9 +61,9 @@ class ParityReport:
 
 
 def default_test_image() -> PIL.Image.Image:
-    from .tiny import example_image
+    from .tiny import photo_like_image
 
-    return example_image(320, 240, seed=1)
+    return photo_like_image(320, 240, seed=1)
 
 
 def _compare(reference, ours, inputs: dict, max_new_tokens: int) -> tuple[float, list[int], list[int]]:
@@ -78,8 +92,9 @@ def verify_llava(
     """Our converted LLaVA vs the reference: transformers' `LlavaForConditionalGeneration` for llava-hf
     sources, or, for the original layout, the original LLaVA forward assembled from transformers'
     `CLIPVisionModel` and `LlamaForCausalLM` loaded from the original files."""
-    import modeling  # noqa: F401  (registers our classes with the Auto API)
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import modeling  # noqa: F401  (registers our classes with the Auto API)
 
     source_dir = resolve_source(source)
     image = image or default_test_image()
@@ -91,7 +106,9 @@ def verify_llava(
     inputs = processor(images=image, text=prompt)
     ours = AutoModelForImageTextToText.from_pretrained(converted, dtype=dtype).to(device).eval()
 
-    if "mm_projector_type" in read_json(source_dir / "config.json") or "mm_vision_tower" in read_json(source_dir / "config.json"):
+    if "mm_projector_type" in read_json(source_dir / "config.json") or "mm_vision_tower" in read_json(
+        source_dir / "config.json"
+    ):
         reference = OriginalLlavaReference(source_dir, ours, vision_tower, dtype=dtype).to(device)
         reference_inputs = reference.process(image, prompt)
     else:
@@ -101,16 +118,12 @@ def verify_llava(
         reference_inputs = AutoProcessor.from_pretrained(source_dir)(images=image, text=prompt, return_tensors="pt")
 
     ids_equal = torch.equal(reference_inputs["input_ids"], inputs["input_ids"])
-    pixel_levels = _pixel_levels(reference_inputs["pixel_values"], inputs["pixel_values"], processor.image_processor.image_std)
+    pixels = pixel_agreement(
+        reference_inputs["pixel_values"], inputs["pixel_values"], processor.image_processor.image_std
+    )
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
     diff, reference_tokens, our_tokens = _compare(reference, ours, inputs, max_new_tokens)
-    return ParityReport(diff, LOGIT_TOLERANCE[dtype], reference_tokens, our_tokens, ids_equal, pixel_levels)
-
-
-def _pixel_levels(reference: torch.Tensor, ours: torch.Tensor, std: list[float]) -> float:
-    """The largest pixel difference in 8-bit levels (undoing the normalisation's division by std)."""
-    scale = torch.tensor(std).view(1, -1, 1, 1) * 255
-    return ((reference.float() - ours.float()).abs() * scale).max().item()
+    return ParityReport(diff, LOGIT_TOLERANCE[dtype], reference_tokens, our_tokens, ids_equal, *pixels)
 
 
 class OriginalLlavaReference(torch.nn.Module):
@@ -128,7 +141,9 @@ class OriginalLlavaReference(torch.nn.Module):
         hf_config = read_json(llava_folder / "config.json")
         tower = resolve_source(vision_tower or hf_config["mm_vision_tower"])
         self.clip = CLIPVisionModel.from_pretrained(tower, dtype=dtype).eval()
-        llama_config = LlamaConfig.from_dict({k: v for k, v in hf_config.items() if not k.startswith("mm_") and k != "model_type"})
+        llama_config = LlamaConfig.from_dict(
+            {k: v for k, v in hf_config.items() if not k.startswith("mm_") and k != "model_type"}
+        )
         self.llama = LlamaForCausalLM.from_pretrained(llava_folder, config=llama_config, dtype=dtype).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(llava_folder)
         self.image_token_id, _ = extend_tokenizer(self.tokenizer)
@@ -142,11 +157,15 @@ class OriginalLlavaReference(torch.nn.Module):
         self.keep_cls = hf_config.get("mm_vision_select_feature", "patch") == "cls_patch"
         image_config = read_json(tower / "preprocessor_config.json")
         self.image_processor = LlavaImageProcessorPil(
-            size=image_config["size"], crop_size=image_config["crop_size"], do_pad=hf_config.get("image_aspect_ratio") == "pad"
+            size=image_config["size"],
+            crop_size=image_config["crop_size"],
+            do_pad=hf_config.get("image_aspect_ratio") == "pad",
         )
         self.generation_config = self.llama.generation_config
         projector_state = _llava_projector_state(llava_folder)
-        self.projector_layers = _projector_from_state(projector_state, hf_config.get("mm_projector_type", "linear"), dtype)
+        self.projector_layers = _projector_from_state(
+            projector_state, hf_config.get("mm_projector_type", "linear"), dtype
+        )
 
     def process(self, image, prompt: str) -> dict:
         pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"]
@@ -172,7 +191,9 @@ class OriginalLlavaReference(torch.nn.Module):
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=8, do_sample=False):
         embeds = self.embed(input_ids, pixel_values)
-        new = self.llama.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample)
+        new = self.llama.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample
+        )
         return torch.cat([input_ids, new], dim=1)
 
 
@@ -191,4 +212,6 @@ def _projector_from_state(state: dict, projector_type: str, dtype) -> torch.nn.M
 
     if projector_type == "linear":
         return linear("model.mm_projector").to(dtype)
-    return torch.nn.Sequential(linear("model.mm_projector.0"), torch.nn.GELU(), linear("model.mm_projector.2")).to(dtype)
+    return torch.nn.Sequential(linear("model.mm_projector.0"), torch.nn.GELU(), linear("model.mm_projector.2")).to(
+        dtype
+    )

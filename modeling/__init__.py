@@ -14,7 +14,13 @@ from .configuration_llava import LlavaPatternConfig
 from .modeling_llava import LlavaPatternForConditionalGeneration, LlavaPatternModel
 
 FAMILIES = {
-    "llava": (LlavaPatternConfig, LlavaPatternModel, LlavaPatternForConditionalGeneration, LlavaPatternProcessor, LlavaPatternImageProcessor),
+    "llava": (
+        LlavaPatternConfig,
+        LlavaPatternModel,
+        LlavaPatternForConditionalGeneration,
+        LlavaPatternProcessor,
+        LlavaPatternImageProcessor,
+    ),
 }
 
 

@@ -111,6 +111,4 @@ class TextDecoderConfig(PreTrainedConfig):
                 f"rotary dimension {self.rotary_dim} (must be even and within the head)"
             )
         if self.mrope_section is not None and sum(self.mrope_section) != self.rotary_dim // 2:
-            raise ValueError(
-                f"mrope_section {self.mrope_section} must sum to rotary_dim // 2 = {self.rotary_dim // 2}"
-            )
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to rotary_dim // 2 = {self.rotary_dim // 2}")

@@ -56,8 +56,10 @@ def scatter_image_features(
             f"({image_features.shape[0]} images x {image_features.shape[1]}). Put exactly one <image> in the text per "
             "image and let the processor expand it."
         )
-    features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)  # (I * N, D)
-    return inputs_embeds.masked_scatter(placeholder_mask.unsqueeze(-1), features)
+    features = image_features.reshape(-1, inputs_embeds.shape[-1])  # (I * N, D)
+    # With device_map="auto" the vision tower may sit on another device than the embeddings.
+    features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+    return inputs_embeds.masked_scatter(placeholder_mask.unsqueeze(-1).to(inputs_embeds.device), features)
 
 
 @dataclass

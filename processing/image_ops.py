@@ -1,12 +1,19 @@
 """Image loading and pixel operations shared by the image processors: torch and numpy only, no torchvision.
 
-Images travel as uint8 tensors (N, 3, H, W) until the last step: resizing uint8 with
-`torch.nn.functional.interpolate(antialias=True)` is several times faster than PIL and lands within one
-8-bit level of PIL's result, and normalising once at the end touches each pixel a single time.
+Images travel as uint8 tensors (N, 3, H, W) until the last step, and normalising once at the end touches
+each pixel a single time. Resizing has two backends:
+- "torch" (default): `torch.nn.functional.interpolate(antialias=True)` on uint8, PIL's filters in SIMD
+  fixed point, several times faster than PIL. On photographs almost every pixel is within one 8-bit level
+  of PIL; a few can differ by two, because the two round their fixed-point weights differently, and on
+  hard synthetic edges more, where Pillow >= 13 runs its two 1D passes in the other order (it resizes
+  vertically first when the height shrinks much more than the width). transformers' torchvision backend
+  calls the same torch kernel and differs from PIL the same way.
+- "pil": PIL's own resize, bit-identical to transformers' PIL backend, at PIL's speed.
 """
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,7 +61,9 @@ def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = PIL.Image.alpha_composite(background, rgba)
-    return np.array(image.convert("RGB"))  # a writable copy: torch warns on read-only buffers
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)  # one copy out of PIL; read-only, which is fine: nothing writes to it
 
 
 def _array_to_rgb(array: np.ndarray) -> np.ndarray:
@@ -64,7 +73,9 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ImageInputError(f"An image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got {array.shape}")
+        raise ImageInputError(
+            f"An image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got {array.shape}"
+        )
     if array.dtype != np.uint8:
         if not np.issubdtype(array.dtype, np.floating):
             raise ImageInputError(f"Image arrays must be uint8 or float in [0, 1], got {array.dtype}")
@@ -94,14 +105,18 @@ def load_image(
     if isinstance(image, PIL.Image.Image):
         width, height = image.size
         if width * height > max_pixels:  # check before converting: conversion would allocate it all
-            raise ImageInputError(f"The image is {width}x{height} = {width * height} pixels, above the limit {max_pixels}")
+            raise ImageInputError(
+                f"The image is {width}x{height} = {width * height} pixels, above the limit {max_pixels}"
+            )
         rgb = _pil_to_rgb(image) if width and height else np.zeros((height, width, 3), np.uint8)
     elif isinstance(image, torch.Tensor):
         rgb = _array_to_rgb(image.detach().cpu().numpy())
     elif isinstance(image, np.ndarray):
         rgb = _array_to_rgb(image)
     else:
-        raise ImageInputError(f"Unsupported image type {type(image).__name__}: pass a path, bytes, PIL image, array or tensor")
+        raise ImageInputError(
+            f"Unsupported image type {type(image).__name__}: pass a path, bytes, PIL image, array or tensor"
+        )
 
     height, width = rgb.shape[:2]
     if height == 0 or width == 0:
@@ -126,14 +141,34 @@ def flatten_images(images) -> list:
 
 
 def to_uint8_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 array -> (1, 3, H, W) uint8 tensor sharing its memory (channels-last strides)."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
+    """(H, W, 3) uint8 array -> (1, 3, H, W) uint8 tensor sharing its memory (channels-last strides).
+
+    The array may be read-only (a view of PIL's bytes); every later step writes to new tensors only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
 
 
-def resize(images: torch.Tensor, size: tuple[int, int], resample: str = "bicubic") -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> (N, 3, h, w) uint8; antialiased like PIL when shrinking."""
+PIL_FILTERS = {"nearest": PIL.Image.Resampling.NEAREST, "bilinear": PIL.Image.Resampling.BILINEAR,
+               "bicubic": PIL.Image.Resampling.BICUBIC}  # fmt: skip
+
+
+def resize(
+    images: torch.Tensor, size: tuple[int, int], resample: str = "bicubic", backend: str = "torch"
+) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> (N, 3, h, w) uint8, antialiased when shrinking (see the module docstring)."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
+    if backend == "pil":
+        height, width = size
+        resized = [
+            np.array(PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).resize((width, height), PIL_FILTERS[resample]))
+            for image in images
+        ]
+        return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
+    if backend != "torch":
+        raise ValueError(f"resize backend must be 'torch' or 'pil', got {backend!r}")
     if resample == "nearest":
         return F.interpolate(images, size=size, mode="nearest-exact")
     return F.interpolate(images, size=size, mode=resample, antialias=True, align_corners=False)

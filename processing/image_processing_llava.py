@@ -48,6 +48,7 @@ class LlavaPatternImageProcessor(BaseImageProcessor):
         image_std: list[float] | None = None,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         max_aspect_ratio: float = 200.0,
+        resize_backend: str = "torch",
         **kwargs,
     ):
         """
@@ -56,6 +57,8 @@ class LlavaPatternImageProcessor(BaseImageProcessor):
         do_pad: pad to a square with the mean colour before resizing (original LLaVA-1.5, not llava-hf).
         max_image_pixels / max_aspect_ratio: larger or more elongated images are refused with an error,
             not resized into a multi-gigabyte tensor.
+        resize_backend: "torch" (fast; see image_ops.py for how close to PIL) or "pil" (bit-identical to
+            transformers' PIL backend).
         """
         kwargs.pop("do_convert_rgb", None)  # always RGB
         super().__init__(**kwargs)
@@ -74,6 +77,9 @@ class LlavaPatternImageProcessor(BaseImageProcessor):
         self.image_std = list(image_std) if image_std is not None else list(OPENAI_CLIP_STD)
         self.max_image_pixels = max_image_pixels
         self.max_aspect_ratio = max_aspect_ratio
+        if resize_backend not in ("torch", "pil"):
+            raise ValueError(f"resize_backend must be 'torch' or 'pil', got {resize_backend!r}")
+        self.resize_backend = resize_backend
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -96,7 +102,7 @@ class LlavaPatternImageProcessor(BaseImageProcessor):
                 target = shortest_edge_size(height, width, self.size["shortest_edge"])
             else:
                 target = (self.size["height"], self.size["width"])
-            pixels = resize(pixels, target, self.resample)
+            pixels = resize(pixels, target, self.resample, self.resize_backend)
         if self.do_center_crop:
             pixels = center_crop(pixels, self.output_size)
         if not self.do_normalize:

@@ -108,11 +108,13 @@ class LlavaPatternProcessor(ProcessorMixin):
                 f"The prompts hold {sum(per_prompt)} {self.image_token} placeholders but {num_images} images were "
                 "given; write one placeholder per image, where the image belongs in the text"
             )
-        nested = isinstance(images, (list, tuple)) and len(images) == len(texts) and all(
-            isinstance(item, (list, tuple)) for item in images
+        nested = (
+            isinstance(images, (list, tuple))
+            and len(images) == len(texts)
+            and all(isinstance(item, (list, tuple)) for item in images)
         )
         if nested:
-            for i, (count, row) in enumerate(zip(per_prompt, images)):
+            for i, (count, row) in enumerate(zip(per_prompt, images, strict=True)):
                 if count != len(row):
                     raise ValueError(f"Prompt {i} has {count} {self.image_token} placeholders but {len(row)} images")
 

@@ -1,0 +1,56 @@
+"""Benchmark a family against the transformers reference and print a markdown table and JSON.
+
+    python benchmarks/run.py llava                                  # CPU preset, 2 threads
+    python benchmarks/run.py llava --preset llava-1.5-7b --device cuda --dtype bfloat16
+    python benchmarks/run.py llava --readme README.md               # also refresh the README's table
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py and the family modules
+
+import llava  # noqa: E402
+from harness import write_readme_section  # noqa: E402
+
+FAMILIES = {"llava": llava}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("--preset", default="cpu", help="model shapes; see PRESETS in benchmarks/<family>.py")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (the processor always uses these)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per generate call")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is kept)")
+    parser.add_argument("--json", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--readme", type=Path, help="replace this family's table in the README")
+    parser.add_argument("--measure-memory", choices=["ours", "reference"], help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    module = FAMILIES[args.family]
+    if args.preset not in module.PRESETS:
+        parser.error(f"unknown preset {args.preset!r}; choose from {sorted(module.PRESETS)}")
+    if args.measure_memory:
+        print(module.measure_memory(args.measure_memory, args.preset, args.device, DTYPES[args.dtype], args.new_tokens))
+        return 0
+    report = module.run(args.preset, args.device, DTYPES[args.dtype], args.new_tokens, args.repeats)
+    table = report.markdown()
+    print(table)
+    print(report.to_json())
+    if args.json:
+        args.json.write_text(report.to_json())
+    if args.readme:
+        write_readme_section(args.readme, f"{args.family}:{args.preset}:{args.device}", table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

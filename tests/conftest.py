@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny checkpoints in the public layouts (built once per session) and their conversions."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import modeling  # noqa: E402,F401  (registers the Auto classes)
+from conversion.llava import convert_llava  # noqa: E402
+from conversion.tiny import build_tiny_clip, build_tiny_llava_hf, build_tiny_llava_original  # noqa: E402
+
+# LLaVA variants the parity tests cover: feature layer, select strategy, tied embeddings.
+LLAVA_VARIANTS = {
+    "layer-2-default": dict(vision_feature_layer=-2, vision_feature_select_strategy="default"),
+    "layer-1-full": dict(vision_feature_layer=-1, vision_feature_select_strategy="full", seed=1),
+    "layers-list-tied": dict(vision_feature_layer=[-3, -1], tie_word_embeddings=True, seed=2, image_size=48),
+}
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def llava_pair(workdir):
+    """variant name -> (llava-hf folder, converted folder); built lazily and cached for the session."""
+    cache = {}
+
+    def get(variant: str = "layer-2-default") -> tuple[Path, Path]:
+        if variant not in cache:
+            source = build_tiny_llava_hf(workdir / f"llava-hf-{variant}", **LLAVA_VARIANTS[variant])
+            cache[variant] = (source, convert_llava(source, workdir / f"llava-ours-{variant}"))
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def clip_tower(workdir) -> Path:
+    return build_tiny_clip(workdir / "clip-tower")
+
+
+@pytest.fixture(scope="session")
+def llava_original(workdir, clip_tower):
+    """options -> (original-layout folder, converted folder), cached by options."""
+    cache = {}
+
+    def get(**options) -> tuple[Path, Path]:
+        key = tuple(sorted(options.items()))
+        if key not in cache:
+            name = "-".join(f"{k}={v}" for k, v in key) or "default"
+            source = build_tiny_llava_original(workdir / f"original-{name}", clip_tower, **options)
+            cache[key] = (source, convert_llava(source, workdir / f"original-ours-{name}"))
+        return cache[key]
+
+    return get

@@ -1,0 +1,129 @@
+"""The `vlm-patterns` command line, the model card and Hub upload, and streaming conversion memory."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from conversion import hub
+from conversion.cli import main
+from conversion.tiny import photo_like_image
+
+
+def test_convert_with_verify_then_export_and_generate(llava_pair, tmp_path, capsys):
+    source, _ = llava_pair()
+    out = tmp_path / "ours"
+    assert main(["convert", "llava", str(source), str(out), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "PASS" in printed and "greedy tokens" in printed
+    assert main(["export", "llava", str(out), str(tmp_path / "exported")]) == 0
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["architectures"] == [
+        "LlavaForConditionalGeneration"
+    ]
+
+    image = tmp_path / "photo.png"
+    photo_like_image(64, 48).save(image)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--image", str(image), "--prompt", "What is it?", "--max-new-tokens", "5"]) == 0
+    answer = capsys.readouterr().out
+    assert answer.strip()  # streamed to stdout
+
+    from conversion.generate import generate, load
+
+    model, processor = load(out)
+    assert answer.rstrip("\n") == generate(model, processor, [str(image)], "What is it?", max_new_tokens=5)
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    assert main(["convert", "llava", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "error:" in capsys.readouterr().err
+    (tmp_path / "existing").mkdir()
+    assert main(["convert", "llava", str(tmp_path / "existing"), str(tmp_path / "out")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_generate_reports_a_bad_image(llava_pair, tmp_path, capsys):
+    _, converted = llava_pair()
+    bad_image = tmp_path / "bad.png"
+    bad_image.write_bytes(b"")
+    assert main(["generate", str(converted), "--image", str(bad_image), "--prompt", "Hi"]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_model_card_and_push(llava_pair, monkeypatch, tmp_path):
+    _, converted = llava_pair()
+    card = hub.model_card(converted, "someone/llava-tiny", "llava", source="llava-hf/llava-1.5-7b-hf")
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text")
+    assert "base_model:\n- llava-hf/llava-1.5-7b-hf" in card
+    assert 'from_pretrained("someone/llava-tiny", trust_remote_code=True)' in card
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload", repo_id, sorted(p.name for p in folder_path.iterdir())))
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    url = hub.push_folder(converted, "someone/llava-tiny", "llava", private=True)
+    assert url == "https://huggingface.co/someone/llava-tiny"
+    assert calls[0] == ("create", "someone/llava-tiny", True)
+    uploaded = calls[1][2]
+    assert {"README.md", "config.json", "model.safetensors", "modeling_llava.py", "processor_config.json"} <= set(
+        uploaded
+    )
+
+
+MEMORY_CHILD = textwrap.dedent(
+    """
+    import sys
+    from conversion.llava import convert_llava
+
+    def status(field):  # kB values from /proc/self/status
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS, after the imports
+    before = status("VmRSS")
+    convert_llava(sys.argv[1], sys.argv[2], max_shard_bytes=int(sys.argv[3]))
+    print(status("VmHWM") - before)
+    """
+)
+
+
+def test_conversion_streams_shard_by_shard(tmp_path):
+    """Converting a 6-shard checkpoint must not hold more than a couple of shards in memory."""
+    from conversion.tiny import build_tiny_llava_hf
+
+    source = build_tiny_llava_hf(
+        tmp_path / "wide", text_hidden_size=1024, text_layers=6, num_heads=8, num_key_value_heads=8
+    )
+    # Reshard the source into ~25 MB shards, as the Hub's multi-file checkpoints are.
+    from conversion.checkpoint_io import ShardWriter, iter_shard
+
+    state = dict(iter_shard(source / "model.safetensors"))
+    (source / "model.safetensors").unlink()
+    writer = ShardWriter(source, max_shard_bytes=25 * 1024**2)
+    for key, tensor in state.items():
+        writer.add(key, tensor)
+    shard_bytes = writer.max_shard_bytes
+    total_bytes = writer.total_bytes
+    writer.finish()
+    del state
+    assert total_bytes > 5 * shard_bytes
+
+    script = tmp_path / "measure.py"
+    script.write_text(MEMORY_CHILD)
+    result = subprocess.run(
+        [sys.executable, str(script), str(source), str(tmp_path / "out"), str(shard_bytes)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth = int(result.stdout.strip().splitlines()[-1])
+    assert growth < 2.5 * shard_bytes, f"peak RSS grew {growth / 1e6:.0f} MB for {total_bytes / 1e6:.0f} MB of weights"
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()

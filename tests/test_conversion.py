@@ -1,0 +1,166 @@
+"""The conversion framework (rules, strict checks, shards, atomic output) and LLaVA export round trips."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+from conversion.checkpoint_io import ShardWriter, atomic_output_dir, checkpoint_keys, iter_shard, weight_files
+from conversion.key_mapping import Gather, KeyMap, Split, check_against
+from conversion.llava import config_from_llava_hf, convert_llava, export_llava
+from conversion.tiny import photo_like_image
+
+
+def all_tensors(folder):
+    return {key: tensor for path in weight_files(folder) for key, tensor in iter_shard(path)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules
+
+
+def test_first_full_match_wins_and_unmatched_keys_are_errors():
+    key_map = KeyMap([(r"a\.b\.(.*)", r"x.\1"), (r"a\.(.*)", r"y.\1"), (r"drop\..*", None)])
+    assert key_map.rename("a.b.c") == "x.c"
+    assert key_map.rename("a.c") == "y.c"
+    assert key_map.rename("drop.me") is None
+    with pytest.raises(KeyError, match="No conversion rule covers"):
+        key_map.rename("za.b")  # patterns match whole keys, not substrings
+
+
+def test_split_and_gather_across_shards():
+    key_map = KeyMap(
+        [(r"qkv", "attn.qkv"), (r"emb\.(\d)", r"embed#\1")],
+        splits=[Split(r"attn\.qkv", lambda key, t: dict(zip(["q", "k", "v"], t.chunk(3), strict=True)))],
+        gathers=[Gather(r"embed", 2, lambda parts: torch.cat(parts))],
+    )
+    items = [("emb.1", torch.ones(2)), ("qkv", torch.arange(6.0)), ("emb.0", torch.zeros(3))]
+    out = dict(key_map.apply(items))
+    assert torch.equal(out["q"], torch.tensor([0.0, 1.0])) and torch.equal(out["v"], torch.tensor([4.0, 5.0]))
+    assert torch.equal(out["embed"], torch.tensor([0.0, 0, 0, 1, 1]))  # parts joined in part order
+    with pytest.raises(KeyError, match="Incomplete tensors"):
+        list(key_map.apply([("emb.0", torch.zeros(3))]))
+
+
+def test_strict_check_names_the_problem():
+    expected = {"a": torch.Size([2]), "b": torch.Size([3])}
+    with pytest.raises(KeyError, match="target model does not have"):
+        list(check_against([("c", torch.zeros(2))], expected))
+    with pytest.raises(ValueError, match=r"shape \(4,\), the model expects \(2,\)"):
+        list(check_against([("a", torch.zeros(4))], expected))
+    with pytest.raises(KeyError, match="lacks 1 tensors the model needs: b"):
+        list(check_against([("a", torch.zeros(2))], expected))
+
+
+def test_shard_writer_splits_and_indexes(tmp_path):
+    writer = ShardWriter(tmp_path, max_shard_bytes=100)
+    for i in range(5):
+        writer.add(f"t{i}", torch.full((10,), float(i)))  # 40 bytes each: two per shard
+    names = writer.finish()
+    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["t4"] == names[2] and index["metadata"]["total_size"] == 200
+    assert sorted(checkpoint_keys(tmp_path)) == [f"t{i}" for i in range(5)]
+    with pytest.raises(ValueError, match="same key"):
+        writer.add("t0", torch.zeros(1))
+
+
+def test_failed_output_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_output_dir(target) as staging:
+        (staging / "partial.bin").write_bytes(b"x")
+        raise RuntimeError("interrupted")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    target.mkdir()
+    with pytest.raises(FileExistsError), atomic_output_dir(target):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLaVA conversion
+
+
+def test_corrupt_source_fails_cleanly(llava_pair, tmp_path):
+    source, _ = llava_pair()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in source.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    state = load_file(broken / "model.safetensors")
+    state.pop("language_model.model.norm.weight")
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(KeyError, match="lacks 1 tensors the model needs: model.language_model.norm.weight"):
+        convert_llava(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["broken"]  # no staging folder left either
+
+
+def test_unsupported_towers_name_what_is_missing():
+    with pytest.raises(NotImplementedError, match="siglip_vision_model.*CLIP"):
+        config_from_llava_hf({"model_type": "llava", "vision_config": {"model_type": "siglip_vision_model"}})
+    with pytest.raises(NotImplementedError, match="'mistral'"):
+        config_from_llava_hf({"model_type": "llava", "text_config": {"model_type": "mistral"}})
+
+
+def test_multi_shard_output_loads(llava_pair, tmp_path):
+    source, converted = llava_pair()
+    sharded = convert_llava(source, tmp_path / "sharded", max_shard_bytes=200_000)
+    assert len(weight_files(sharded)) > 1
+    model = AutoModelForImageTextToText.from_pretrained(sharded).eval()
+    reference = AutoModelForImageTextToText.from_pretrained(converted).eval()
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_dtype_option_casts_weights(llava_pair, tmp_path):
+    source, _ = llava_pair()
+    converted = convert_llava(source, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert {t.dtype for t in all_tensors(converted).values()} == {torch.bfloat16}
+    model = AutoModelForImageTextToText.from_pretrained(converted)
+    assert model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("variant", ["layer-2-default", "layers-list-tied"])
+def test_export_round_trip_is_bit_exact(llava_pair, tmp_path, variant):
+    source, converted = llava_pair(variant)
+    exported = export_llava(converted, tmp_path / "exported")
+    # ours -> transformers' layout reproduces the public checkpoint tensor for tensor ...
+    assert_same_tensors(all_tensors(exported), all_tensors(source))
+    # ... and converting that again reproduces ours.
+    again = convert_llava(exported, tmp_path / "again")
+    assert_same_tensors(all_tensors(again), all_tensors(converted))
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def test_exported_folder_serves_with_transformers(llava_pair, tmp_path):
+    source, converted = llava_pair()
+    exported = export_llava(converted, tmp_path / "exported")
+    reference = LlavaForConditionalGeneration.from_pretrained(exported).eval()
+    reference_processor = AutoProcessor.from_pretrained(exported)
+    assert type(reference_processor).__name__ == "LlavaProcessor"
+    ours = AutoModelForImageTextToText.from_pretrained(converted).eval()
+    processor = AutoProcessor.from_pretrained(converted)
+    text = "USER: <image>\nWhat is in the image? ASSISTANT:"
+    image = photo_like_image(64, 48)
+    inputs = processor(images=image, text=text)
+    assert torch.equal(
+        reference_processor(images=image, text=text, return_tensors="pt")["input_ids"], inputs["input_ids"]
+    )
+    with torch.no_grad():
+        assert torch.equal(reference(**inputs).logits, ours(**inputs).logits)
+
+
+def test_linear_projector_cannot_export(llava_original, tmp_path):
+    _, converted = llava_original(
+        projector_type="linear", select_feature="cls_patch", image_aspect_ratio="square", select_layer=-1
+    )
+    with pytest.raises(NotImplementedError, match="single-linear projector"):
+        export_llava(converted, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
