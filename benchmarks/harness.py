@@ -32,20 +32,29 @@ def median_seconds(fn: Callable[[], object], device: str = "cpu", repeats: int =
 
 
 def paired_median_seconds(
-    first: Callable[[], object], second: Callable[[], object], device: str = "cpu", repeats: int = 5, warmup: int = 1
+    first: Callable[[], object],
+    second: Callable[[], object],
+    device: str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    block: int = 1,
 ) -> tuple[float, float]:
-    """Median wall times of two functions timed alternately, so load changes on a shared machine hit both alike."""
+    """Median wall times of two functions timed in alternating blocks of `block` runs, so load changes on a
+    shared machine hit both alike. Blocks longer than one keep each function in its steady state (caches,
+    allocator), as a loop over many inputs would; the first run of each block is not timed."""
     for _ in range(warmup):
         first()
         second()
     times = ([], [])
     for _ in range(repeats):
         for fn, bucket in ((first, times[0]), (second, times[1])):
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            bucket.append(time.perf_counter() - start)
+            fn() if block > 1 else None
+            for _ in range(block):
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                bucket.append(time.perf_counter() - start)
     return statistics.median(times[0]), statistics.median(times[1])
 
 
@@ -146,6 +155,21 @@ class Report:
         for row, out in zip(self.rows, data["rows"], strict=True):
             out.update(ratio=row.ratio, verdict=row.verdict)
         return json.dumps(data, indent=2)
+
+
+def ours_sharing_weights(reference: torch.nn.Module, model_class, config, rules, device: str) -> torch.nn.Module:
+    """Our model holding the reference's very tensors (no copy), mapped by the converter's key rules."""
+    from conversion.key_mapping import KeyMap
+
+    with torch.device("meta"):
+        ours = model_class(config)
+    state = dict(KeyMap(rules).apply(reference.state_dict().items()))
+    ours.load_state_dict(state, strict=True, assign=True)
+    for module in ours.modules():  # rotary tables are non-persistent buffers, absent from state dicts
+        if hasattr(module, "compute_inv_freq"):
+            module.register_buffer("inv_freq", module.compute_inv_freq().to(device), persistent=False)
+    ours.tie_weights()
+    return ours.eval()
 
 
 def write_readme_section(readme: Path, key: str, content: str) -> None:

@@ -5,13 +5,11 @@ converter's key map, sharing storage), get the same inputs, and are timed altern
 """
 
 import torch
-from harness import Report, paired_median_seconds, peak_memory_increase
+from harness import Report, ours_sharing_weights, paired_median_seconds, peak_memory_increase
 
-from conversion.key_mapping import KeyMap
 from conversion.llava import LLAVA_HF_RULES, build_processor, config_from_llava_hf
 from conversion.tiny import build_tokenizer, photo_like_image
 from modeling import LlavaPatternForConditionalGeneration
-from modeling.text_decoder import RotaryEmbedding
 from processing import LlavaPatternImageProcessor
 
 # (vision tower, language model) shapes. `cpu` is small enough for a 2-core machine; the others are the
@@ -48,15 +46,9 @@ def build_models(preset: str, device: str, dtype: torch.dtype, tokenizer):
     with torch.device(device):
         reference = LlavaForConditionalGeneration(config).to(dtype).eval()
     ours_config = config_from_llava_hf(config.to_dict())
-    with torch.device("meta"):
-        ours = LlavaPatternForConditionalGeneration(ours_config)
-    state = dict(KeyMap(LLAVA_HF_RULES).apply(reference.state_dict().items()))
-    ours.load_state_dict(state, strict=True, assign=True)
-    for module in ours.modules():  # non-persistent buffers are not in a state dict
-        if isinstance(module, RotaryEmbedding):
-            module.register_buffer("inv_freq", module.compute_inv_freq().to(device), persistent=False)
-    ours.tie_weights()
-    return reference, ours.eval()
+    return reference, ours_sharing_weights(
+        reference, LlavaPatternForConditionalGeneration, ours_config, LLAVA_HF_RULES, device
+    )
 
 
 def benchmark_processor(report: Report, image_size: int, repeats: int) -> None:
@@ -68,13 +60,17 @@ def benchmark_processor(report: Report, image_size: int, repeats: int) -> None:
     size = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     ours = LlavaPatternImageProcessor(**size)
     pil = CLIPImageProcessorPil(**size)
-    ours_s, pil_s = paired_median_seconds(lambda: ours(image), lambda: pil(image, return_tensors="pt"), repeats=repeats)
+    ours_s, pil_s = paired_median_seconds(
+        lambda: ours(image), lambda: pil(image, return_tensors="pt"), repeats=repeats, block=5
+    )
     report.add("image processor vs PIL backend, 1080x1920 photo", "ms/image", ours_s * 1e3, pil_s * 1e3, False, 4.0)
     if is_torchvision_available():
         from transformers import CLIPImageProcessor
 
         fast = CLIPImageProcessor(**size)
-        ours_s, fast_s = paired_median_seconds(lambda: ours(image), lambda: fast(image, return_tensors="pt"), repeats=repeats)
+        ours_s, fast_s = paired_median_seconds(
+            lambda: ours(image), lambda: fast(image, return_tensors="pt"), repeats=repeats, block=5
+        )
         report.add("image processor vs torchvision backend", "ms/image", ours_s * 1e3, fast_s * 1e3, False, 1.0)
     else:
         report.notes.append(
@@ -89,13 +85,18 @@ def run(preset: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: 
     reference, ours = build_models(preset, device, dtype, tokenizer)
     image_size = ours.config.vision_config.image_size
     processor = build_processor(
-        ours.config, tokenizer, LlavaPatternImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+        ours.config,
+        tokenizer,
+        LlavaPatternImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
     )
     benchmark_processor(report, image_size, repeats=max(repeats, 10))
 
     question = "Describe everything you can see in this picture, the objects and their colours and positions."
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True,
     )
     inputs = processor(images=photo_like_image(1920, 1080, seed=11), text=prompt).to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -111,7 +112,9 @@ def run(preset: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: 
     def decode_rate(cache=None) -> list[float]:
         """Tokens per second after the first, from the time difference of generating 1 and 1 + N tokens."""
         one = paired_median_seconds(generate(ours, 1, cache), generate(reference, 1, cache), device, repeats)
-        many = paired_median_seconds(generate(ours, new_tokens + 1, cache), generate(reference, new_tokens + 1, cache), device, repeats)
+        many = paired_median_seconds(
+            generate(ours, new_tokens + 1, cache), generate(reference, new_tokens + 1, cache), device, repeats
+        )
         return [new_tokens / (m - o) for m, o in zip(many, one, strict=True)]
 
     with torch.inference_mode():
@@ -124,7 +127,13 @@ def run(preset: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: 
     report.add(f"decode, {new_tokens} tokens, static cache", "tok/s", decode_static[0], decode_static[1], True, 1.0)
     memory = [memory_in_fresh_process(which, preset, device, dtype, new_tokens) for which in ("ours", "reference")]
     unit = "MB CUDA allocated" if device.startswith("cuda") else "MB RSS"
-    report.add(f"peak memory of generate ({new_tokens} tokens) above the weights", unit, memory[0] / 1e6, memory[1] / 1e6, False)
+    report.add(
+        f"peak memory of generate ({new_tokens} tokens) above the weights",
+        unit,
+        memory[0] / 1e6,
+        memory[1] / 1e6,
+        False,
+    )
     return report
 
 
@@ -148,14 +157,20 @@ def measure_memory(which: str, preset: str, device: str, dtype: torch.dtype, new
     model = ours if which == "ours" else reference
     image_size = ours.config.vision_config.image_size
     processor = build_processor(
-        ours.config, tokenizer, LlavaPatternImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+        ours.config,
+        tokenizer,
+        LlavaPatternImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
     )
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}], add_generation_prompt=True
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}],
+        add_generation_prompt=True,
     )
     inputs = processor(images=photo_like_image(1920, 1080, seed=11), text=prompt).to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     with torch.inference_mode():
         return peak_memory_increase(
-            lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False), device
+            lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False),
+            device,
         )

@@ -1,8 +1,8 @@
 """Benchmark a family against the transformers reference and print a markdown table and JSON.
 
-    python benchmarks/run.py llava                                  # CPU preset, 2 threads
-    python benchmarks/run.py llava --preset llava-1.5-7b --device cuda --dtype bfloat16
-    python benchmarks/run.py llava --readme README.md               # also refresh the README's table
+python benchmarks/run.py llava                                  # CPU preset, 2 threads
+python benchmarks/run.py llava --preset llava-1.5-7b --device cuda --dtype bfloat16
+python benchmarks/run.py llava --readme README.md               # also refresh the README's table
 """
 
 import argparse
@@ -14,9 +14,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py and the family modules
 
 import llava  # noqa: E402
+import qwen2_vl  # noqa: E402
 from harness import write_readme_section  # noqa: E402
 
-FAMILIES = {"llava": llava}
+FAMILIES = {"llava": llava, "qwen2_vl": qwen2_vl}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from . import llava
+from . import llava, qwen2_vl
 
-CONVERTERS = {"llava": llava.convert_llava}
-EXPORTERS = {"llava": llava.export_llava}
+CONVERTERS = {"llava": llava.convert_llava, "qwen2_vl": qwen2_vl.convert_qwen2_vl}
+EXPORTERS = {"llava": llava.export_llava, "qwen2_vl": qwen2_vl.export_qwen2_vl}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -22,15 +22,17 @@ def _size(text: str) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .verify import verify_llava
+    from .verify import verify
 
     kwargs = dict(dtype=DTYPES.get(args.dtype), overwrite=args.overwrite, max_shard_bytes=_size(args.max_shard_size))
     if args.vision_tower:
+        if args.family != "llava":
+            raise ValueError("--vision-tower is for the original LLaVA layout only")
         kwargs["vision_tower"] = args.vision_tower
     output = CONVERTERS[args.family](args.source, args.output, **kwargs)
     print(f"Converted {args.source} -> {output}")
     if args.verify:
-        report = verify_llava(args.source, output, device=args.device, vision_tower=args.vision_tower)
+        report = verify(args.family, args.source, output, device=args.device, vision_tower=args.vision_tower)
         print(report.summary())
         if not report.passed:
             return 1
@@ -49,10 +51,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import verify_llava
+    from .verify import verify
 
-    report = verify_llava(
-        args.source, args.converted, device=args.device, dtype=DTYPES[args.dtype], vision_tower=args.vision_tower
+    report = verify(
+        args.family,
+        args.source,
+        args.converted,
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+        vision_tower=args.vision_tower,
     )
     print(report.summary())
     return 0 if report.passed else 1
@@ -65,9 +72,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from .tiny import build_tiny_llava_hf
+    from .tiny import build_tiny_llava_hf, build_tiny_qwen2_vl
 
-    build_tiny_llava_hf(args.output, seed=args.seed)
+    builders = {"llava": build_tiny_llava_hf, "qwen2_vl": build_tiny_qwen2_vl}
+    builders[args.family](args.output, seed=args.seed)
     print(f"Wrote a tiny random {args.family} checkpoint in the public layout to {args.output}")
     return 0
 
@@ -149,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tiny", help="write a tiny random checkpoint in a public layout (for tests and demos)")
-    p.add_argument("family", choices=["llava"])
+    p.add_argument("family", choices=sorted(CONVERTERS))
     p.add_argument("output")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny)

@@ -32,6 +32,7 @@ from .checkpoint_io import (
 )
 from .key_mapping import KeyMap, check_against
 from .model_files import expected_tensors, meta_model, write_model_files
+from .text_models import decoder_fields, transformers_text_config
 
 # llava-hf layout -> ours. The Hub's files name the CLIP tower `vision_tower.vision_model.*`; transformers 5.24
 # saves it without `vision_model.`, and its in-memory layout (save_original_format=False) nests everything
@@ -84,36 +85,6 @@ VOCAB_MULTIPLE = 64
 # Configs
 
 
-def _text_config_from_llama(llama, tie_word_embeddings: bool) -> tuple[dict, bool]:
-    """Our text config fields from a transformers LlamaConfig, and whether the embeddings are tied."""
-    rope = getattr(llama, "rope_parameters", None) or {"rope_type": "default", "rope_theta": llama.rope_theta}
-    if rope.get("rope_type", "default") != "default":
-        raise NotImplementedError(
-            f"RoPE scaling {rope['rope_type']!r} is not implemented by the shared decoder (only plain RoPE)"
-        )
-    return dict(
-        vocab_size=llama.vocab_size,
-        hidden_size=llama.hidden_size,
-        intermediate_size=llama.intermediate_size,
-        num_hidden_layers=llama.num_hidden_layers,
-        num_attention_heads=llama.num_attention_heads,
-        num_key_value_heads=llama.num_key_value_heads,
-        head_dim=getattr(llama, "head_dim", None) or llama.hidden_size // llama.num_attention_heads,
-        max_position_embeddings=llama.max_position_embeddings,
-        norm_type="rmsnorm",
-        norm_eps=llama.rms_norm_eps,
-        mlp_type="gated",
-        hidden_act=llama.hidden_act,
-        qkv_bias=llama.attention_bias,
-        output_bias=llama.attention_bias,
-        mlp_bias=llama.mlp_bias,
-        rope_theta=float(rope["rope_theta"]),
-        pad_token_id=llama.pad_token_id,
-        bos_token_id=llama.bos_token_id,
-        eos_token_id=llama.eos_token_id,
-    ), tie_word_embeddings or bool(getattr(llama, "tie_word_embeddings", False))
-
-
 def _vision_config_from_clip(clip) -> dict:
     return dict(
         hidden_size=clip.hidden_size,
@@ -139,13 +110,13 @@ def config_from_llava_hf(hf_config: dict) -> LlavaPatternConfig:
             "(clip_vision_model) only, so SigLIP and other towers cannot be converted yet"
         )
     text_type = hf_config.get("text_config", {}).get("model_type", "llama")
-    if text_type != "llama":
+    if text_type not in ("llama", "qwen2"):
         raise NotImplementedError(
-            f"This checkpoint's language model is {text_type!r}; the shared decoder implements it for LLaVA only "
-            "with Llama settings so far"
+            f"This checkpoint's language model is {text_type!r}; LLaVA converts with Llama or Qwen2 language models"
         )
     hf = LlavaConfig.from_dict(hf_config)
-    text, tie = _text_config_from_llama(hf.text_config, hf.tie_word_embeddings)
+    text = decoder_fields(hf.text_config)
+    tie = hf.tie_word_embeddings or bool(getattr(hf.text_config, "tie_word_embeddings", False))
     if hf_config.get("pad_token_id") is not None:
         text["pad_token_id"] = hf_config["pad_token_id"]
     return LlavaPatternConfig(
@@ -163,34 +134,15 @@ def config_from_llava_hf(hf_config: dict) -> LlavaPatternConfig:
 
 def config_to_llava_hf(config: LlavaPatternConfig):
     """transformers' LlavaConfig with the same architecture as ours."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import CLIPVisionConfig, LlavaConfig
 
     if config.projector_type != "mlp2x_gelu":
         raise NotImplementedError(
             "transformers' LlavaForConditionalGeneration has no single-linear projector (LLaVA-1)"
         )
     text, vision = config.text_config, config.vision_config
-    if text.norm_type != "rmsnorm" or text.mlp_type != "gated" or text.qk_norm or text.qkv_bias != text.output_bias:
-        raise NotImplementedError("Only a Llama language model exports to the llava-hf layout")
-    llama = LlamaConfig(
-        vocab_size=text.vocab_size,
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_hidden_layers,
-        num_attention_heads=text.num_attention_heads,
-        num_key_value_heads=text.num_key_value_heads,
-        head_dim=text.head_dim,
-        max_position_embeddings=text.max_position_embeddings,
-        rms_norm_eps=text.norm_eps,
-        hidden_act=text.hidden_act,
-        attention_bias=text.qkv_bias,
-        mlp_bias=text.mlp_bias,
-        rope_parameters={"rope_type": "default", "rope_theta": text.rope_theta},
-        pad_token_id=text.pad_token_id,
-        bos_token_id=text.bos_token_id,
-        eos_token_id=text.eos_token_id,
-        tie_word_embeddings=config.tie_word_embeddings,
-    )
+    qwen2 = text.qkv_bias and not text.output_bias  # Qwen2 puts biases on q, k, v only; Llama on all or none
+    language_model = transformers_text_config(text, "qwen2" if qwen2 else "llama", config.tie_word_embeddings)
     clip = CLIPVisionConfig(
         hidden_size=vision.hidden_size,
         intermediate_size=vision.intermediate_size,
@@ -204,7 +156,7 @@ def config_to_llava_hf(config: LlavaPatternConfig):
     )
     hf = LlavaConfig(
         vision_config=clip,
-        text_config=llama,
+        text_config=language_model,
         image_token_index=config.image_token_id,
         image_seq_length=config.image_seq_length,
         projector_hidden_act=config.projector_hidden_act,
@@ -357,8 +309,9 @@ def _original_config(hf_config: dict, clip_config: dict, vocab_size: int, image_
     if select not in ("patch", "cls_patch"):
         raise NotImplementedError(f"mm_vision_select_feature {select!r} is not supported (patch and cls_patch are)")
     llama = LlamaConfig.from_dict({k: v for k, v in hf_config.items() if not k.startswith("mm_") and k != "model_type"})
-    text, tie = _text_config_from_llama(llama, False)
+    text = decoder_fields(llama)
     text.update(vocab_size=vocab_size, pad_token_id=pad_token_id)
+    tie = bool(llama.tie_word_embeddings)
     if "vision_config" in clip_config:
         clip = CLIPConfig.from_dict(clip_config).vision_config
     else:

@@ -105,8 +105,10 @@ def build_tiny_llava_hf(
     vision_feature_select_strategy: str = "default",
     tie_word_embeddings: bool = False,
     initializer_range: float = 0.2,
+    text_model: str = "llama",
 ) -> Path:
-    """A random `LlavaForConditionalGeneration` + `LlavaProcessor` saved in the llava-hf layout."""
+    """A random `LlavaForConditionalGeneration` + `LlavaProcessor` saved in the llava-hf layout; the language
+    model is a Llama, or with `text_model="qwen2"` a Qwen2."""
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -114,12 +116,13 @@ def build_tiny_llava_hf(
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
+        Qwen2Config,
     )
 
     folder = Path(folder)
     tokenizer = build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    text_config = LlamaConfig(
+    text_config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text_model](
         vocab_size=len(tokenizer),
         hidden_size=text_hidden_size,
         intermediate_size=text_hidden_size * 2 + 8,
@@ -270,4 +273,83 @@ def build_tiny_llava_original(
     with open(folder / "config.json", "w") as f:
         json.dump(config, f, indent=2, default=str)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+
+
+def build_qwen_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Qwen2-VL's special tokens; like Qwen's, it adds no BOS."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    tokenizer.train_from_iterator(TINY_CORPUS * 4 + ["You are a helpful assistant.", "system user assistant"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def build_tiny_qwen2_vl(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    embed_dim: int = 32,
+    depth: int = 2,
+    vision_heads: int = 4,
+    text_hidden_size: int = 64,
+    text_layers: int = 2,
+    num_heads: int = 4,
+    num_key_value_heads: int = 2,
+    mrope_section: tuple[int, int, int] = (2, 3, 3),
+    tie_word_embeddings: bool = True,
+    hub_flat_config: bool = True,
+    min_pixels: int = 28 * 28 * 4,
+    max_pixels: int = 28 * 28 * 64,
+) -> Path:
+    """A random `Qwen2VLForConditionalGeneration` saved as the Hub's Qwen2-VL repositories are: hub key layout,
+    a flat config.json with `rope_scaling: {type: mrope}` (or transformers 5.24's nested one), the image
+    processor's preprocessor_config.json, tokenizer and chat template."""
+    import json
+
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from processing.processing_qwen2_vl import QWEN2_VL_CHAT_TEMPLATE
+
+    folder = Path(folder)
+    tokenizer = build_qwen_tokenizer()
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}  # fmt: skip
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=text_hidden_size, intermediate_size=text_hidden_size * 2 + 8,
+        num_hidden_layers=text_layers, num_attention_heads=num_heads, num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=None, initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(mrope_section)},
+    )  # fmt: skip
+    vision = dict(depth=depth, embed_dim=embed_dim, hidden_size=text_hidden_size, num_heads=vision_heads, mlp_ratio=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings, **ids)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # non-zero biases and norms exercise more of the mapping
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    if hub_flat_config:  # the Hub's own files: text fields at the top, legacy rope_scaling, minimal vision_config
+        flat = {k: v for k, v in text.items() if k != "rope_parameters"}
+        flat.update(
+            architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", torch_dtype="float32",
+            rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": list(mrope_section)},
+            use_sliding_window=False, vision_token_id=tokenizer.convert_tokens_to_ids("<|vision_pad|>"),
+            vision_config=dict(vision, in_chans=3, spatial_patch_size=14), **ids,
+        )  # fmt: skip
+        (folder / "config.json").write_text(json.dumps(flat, indent=2))
+    Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2))
     return folder

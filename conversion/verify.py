@@ -66,64 +66,105 @@ def default_test_image() -> PIL.Image.Image:
     return photo_like_image(320, 240, seed=1)
 
 
-def _compare(reference, ours, inputs: dict, max_new_tokens: int) -> tuple[float, list[int], list[int]]:
+def _compare(
+    reference, ours, inputs: dict, reference_extra: dict, max_new_tokens: int
+) -> tuple[float, list[int], list[int]]:
+    """Both models on the same tensors (`reference_extra`: inputs only the reference reads)."""
     with torch.no_grad():
-        reference_logits = reference(**inputs).logits.float()
+        reference_logits = reference(**inputs, **reference_extra).logits.float()
         our_logits = ours(**inputs).logits.float()
     diff = (reference_logits - our_logits).abs().max().item()
     generate = dict(max_new_tokens=max_new_tokens, do_sample=False)
     prompt_length = inputs["input_ids"].shape[1]
-    reference_tokens = reference.generate(**inputs, **generate)[0, prompt_length:].tolist()
+    reference_tokens = reference.generate(**inputs, **reference_extra, **generate)[0, prompt_length:].tolist()
     our_tokens = ours.generate(**inputs, **generate)[0, prompt_length:].tolist()
     return diff, reference_tokens, our_tokens
 
 
-def verify_llava(
+def verify(
+    family: str,
     source: str | Path,
     converted: str | Path,
     *,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
-    image: PIL.Image.Image | None = None,
+    images: list | None = None,
     question: str = "What is in the image?",
     max_new_tokens: int = 8,
     vision_tower: str | Path | None = None,
 ) -> ParityReport:
-    """Our converted LLaVA vs the reference: transformers' `LlavaForConditionalGeneration` for llava-hf
-    sources, or, for the original layout, the original LLaVA forward assembled from transformers'
-    `CLIPVisionModel` and `LlamaForCausalLM` loaded from the original files."""
+    """Our converted checkpoint vs transformers' reference on the same weights and the same tensors.
+
+    References: `LlavaForConditionalGeneration` (llava-hf sources); for the original LLaVA layout, the original
+    forward assembled from transformers' `CLIPVisionModel` and `LlamaForCausalLM`; `Qwen2VLForConditionalGeneration`.
+    Processors are compared too: token ids must be identical, pixels within the bound of `pixels_agree`.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import modeling  # noqa: F401  (registers our classes with the Auto API)
 
     source_dir = resolve_source(source)
-    image = image or default_test_image()
+    images = images or [default_test_image()]
     processor = AutoProcessor.from_pretrained(converted)
-    prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        add_generation_prompt=True,
-    )
-    inputs = processor(images=image, text=prompt)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=images, text=prompt)
     ours = AutoModelForImageTextToText.from_pretrained(converted, dtype=dtype).to(device).eval()
 
-    if "mm_projector_type" in read_json(source_dir / "config.json") or "mm_vision_tower" in read_json(
-        source_dir / "config.json"
-    ):
+    reference_extra = {}
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLForConditionalGeneration
+
+        reference = Qwen2VLForConditionalGeneration.from_pretrained(source_dir, dtype=dtype).to(device).eval()
+        reference_inputs = qwen2_vl_reference_inputs(source_dir, images, prompt)
+        reference_extra["mm_token_type_ids"] = reference_inputs["mm_token_type_ids"].to(device)
+    elif {"mm_projector_type", "mm_vision_tower"} & set(read_json(source_dir / "config.json")):
         reference = OriginalLlavaReference(source_dir, ours, vision_tower, dtype=dtype).to(device)
-        reference_inputs = reference.process(image, prompt)
+        reference_inputs = reference.process(images, prompt)
     else:
         from transformers import LlavaForConditionalGeneration
 
         reference = LlavaForConditionalGeneration.from_pretrained(source_dir, dtype=dtype).to(device).eval()
-        reference_inputs = AutoProcessor.from_pretrained(source_dir)(images=image, text=prompt, return_tensors="pt")
+        reference_inputs = AutoProcessor.from_pretrained(source_dir)(images=images, text=prompt, return_tensors="pt")
 
     ids_equal = torch.equal(reference_inputs["input_ids"], inputs["input_ids"])
-    pixels = pixel_agreement(
+    pixels = pixel_agreement_for(
         reference_inputs["pixel_values"], inputs["pixel_values"], processor.image_processor.image_std
     )
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
-    diff, reference_tokens, our_tokens = _compare(reference, ours, inputs, max_new_tokens)
+    diff, reference_tokens, our_tokens = _compare(reference, ours, inputs, reference_extra, max_new_tokens)
     return ParityReport(diff, LOGIT_TOLERANCE[dtype], reference_tokens, our_tokens, ids_equal, *pixels)
+
+
+def verify_llava(source, converted, **kwargs) -> ParityReport:
+    return verify("llava", source, converted, **kwargs)
+
+
+def qwen2_vl_reference_inputs(source_dir: Path, images: list, prompt: str) -> dict:
+    """What transformers' Qwen2VLProcessor would return (it cannot be built without torchvision): the PIL image
+    processor's patches, each `<|image_pad|>` expanded to grid.prod() // 4 copies in the text, then tokenized."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    image_inputs = Qwen2VLImageProcessorPil.from_pretrained(source_dir)(images, return_tensors="pt")
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    merge = image_inputs.get("merge_size", 2)
+    for grid in image_inputs["image_grid_thw"]:
+        prompt = prompt.replace("<|image_pad|>", "<|placeholder|>" * int(grid.prod() // merge**2), 1)
+    input_ids = tokenizer(prompt.replace("<|placeholder|>", "<|image_pad|>"), return_tensors="pt")["input_ids"]
+    mm_token_type_ids = (input_ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()
+    return {
+        "input_ids": input_ids,
+        "pixel_values": image_inputs["pixel_values"],
+        "mm_token_type_ids": mm_token_type_ids,
+    }
+
+
+def pixel_agreement_for(reference: torch.Tensor, ours: torch.Tensor, std: list[float]) -> tuple[float, float]:
+    """Pixel agreement for either layout: images (N, 3, H, W), or flattened Qwen2-VL patches (N, 3 * T * P * P)."""
+    if reference.dim() == 2:
+        channels = len(std)
+        reference, ours = (x.view(x.shape[0], channels, -1, 1) for x in (reference, ours))
+    return pixel_agreement(reference, ours, std)
 
 
 class OriginalLlavaReference(torch.nn.Module):
@@ -167,8 +208,8 @@ class OriginalLlavaReference(torch.nn.Module):
             projector_state, hf_config.get("mm_projector_type", "linear"), dtype
         )
 
-    def process(self, image, prompt: str) -> dict:
-        pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"]
+    def process(self, images, prompt: str) -> dict:
+        pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
         n = self.clip.config.image_size // self.clip.config.patch_size
         count = n * n + self.keep_cls
         ids = self.tokenizer(prompt)["input_ids"]

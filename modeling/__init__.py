@@ -7,11 +7,18 @@ After `import modeling`, `AutoConfig`, `AutoModel`, `AutoModelForImageTextToText
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from processing import LlavaPatternImageProcessor, LlavaPatternProcessor
+from processing import (
+    LlavaPatternImageProcessor,
+    LlavaPatternProcessor,
+    Qwen2VLPatternImageProcessor,
+    Qwen2VLPatternProcessor,
+)
 
 from .configuration_backbones import TextDecoderConfig, VisionTowerConfig
 from .configuration_llava import LlavaPatternConfig
+from .configuration_qwen2_vl import Qwen2VLPatternConfig, Qwen2VLVisionTowerConfig
 from .modeling_llava import LlavaPatternForConditionalGeneration, LlavaPatternModel
+from .modeling_qwen2_vl import Qwen2VLPatternForConditionalGeneration, Qwen2VLPatternModel
 
 FAMILIES = {
     "llava": (
@@ -20,6 +27,13 @@ FAMILIES = {
         LlavaPatternForConditionalGeneration,
         LlavaPatternProcessor,
         LlavaPatternImageProcessor,
+    ),
+    "qwen2_vl": (
+        Qwen2VLPatternConfig,
+        Qwen2VLPatternModel,
+        Qwen2VLPatternForConditionalGeneration,
+        Qwen2VLPatternProcessor,
+        Qwen2VLPatternImageProcessor,
     ),
 }
 
@@ -45,6 +59,10 @@ __all__ = [
     "LlavaPatternConfig",
     "LlavaPatternForConditionalGeneration",
     "LlavaPatternModel",
+    "Qwen2VLPatternConfig",
+    "Qwen2VLPatternForConditionalGeneration",
+    "Qwen2VLPatternModel",
+    "Qwen2VLVisionTowerConfig",
     "TextDecoderConfig",
     "VisionTowerConfig",
 ]

@@ -5,7 +5,6 @@ from typing import ClassVar
 from transformers import PreTrainedModel
 from transformers import initialization as init
 
-from .text_decoder import RotaryEmbedding
 from .vision_transformer import VisionEmbeddings
 
 
@@ -62,6 +61,6 @@ class PatternPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)  # Linear, Embedding, LayerNorm and RMSNorm
         if isinstance(module, VisionEmbeddings):
             init.normal_(module.class_embedding, std=module.config.hidden_size**-0.5)
-        elif isinstance(module, RotaryEmbedding):
-            # A non-persistent buffer: loading from a checkpoint materialises it empty, so it is recomputed here.
+        elif hasattr(module, "compute_inv_freq"):
+            # Rotary frequency tables are non-persistent buffers: loading materialises them empty, so recompute.
             init.copy_(module.inv_freq, module.compute_inv_freq())

@@ -2,6 +2,15 @@
 
 from .image_ops import ImageInputError, load_image
 from .image_processing_llava import LlavaPatternImageProcessor
+from .image_processing_qwen2_vl import Qwen2VLPatternImageProcessor
 from .processing_llava import LlavaPatternProcessor
+from .processing_qwen2_vl import Qwen2VLPatternProcessor
 
-__all__ = ["ImageInputError", "LlavaPatternImageProcessor", "LlavaPatternProcessor", "load_image"]
+__all__ = [
+    "ImageInputError",
+    "LlavaPatternImageProcessor",
+    "LlavaPatternProcessor",
+    "Qwen2VLPatternImageProcessor",
+    "Qwen2VLPatternProcessor",
+    "load_image",
+]

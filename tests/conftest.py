@@ -12,13 +12,20 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import modeling  # noqa: E402,F401  (registers the Auto classes)
 from conversion.llava import convert_llava  # noqa: E402
-from conversion.tiny import build_tiny_clip, build_tiny_llava_hf, build_tiny_llava_original  # noqa: E402
+from conversion.qwen2_vl import convert_qwen2_vl  # noqa: E402
+from conversion.tiny import (  # noqa: E402
+    build_tiny_clip,
+    build_tiny_llava_hf,
+    build_tiny_llava_original,
+    build_tiny_qwen2_vl,
+)
 
 # LLaVA variants the parity tests cover: feature layer, select strategy, tied embeddings.
 LLAVA_VARIANTS = {
     "layer-2-default": dict(vision_feature_layer=-2, vision_feature_select_strategy="default"),
     "layer-1-full": dict(vision_feature_layer=-1, vision_feature_select_strategy="full", seed=1),
     "layers-list-tied": dict(vision_feature_layer=[-3, -1], tie_word_embeddings=True, seed=2, image_size=48),
+    "qwen2-text": dict(text_model="qwen2", seed=3),
 }
 
 
@@ -58,5 +65,26 @@ def llava_original(workdir, clip_tower):
             source = build_tiny_llava_original(workdir / f"original-{name}", clip_tower, **options)
             cache[key] = (source, convert_llava(source, workdir / f"original-ours-{name}"))
         return cache[key]
+
+    return get
+
+
+# Qwen2-VL variants: the Hub's flat config with tied embeddings (like the 2B), and transformers' nested config
+# with an untied output layer (like the 7B) and a different vision width.
+QWEN2_VL_VARIANTS = {
+    "hub-tied": dict(),
+    "nested-untied": dict(hub_flat_config=False, tie_word_embeddings=False, seed=1, embed_dim=48, depth=3),
+}
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_pair(workdir):
+    cache = {}
+
+    def get(variant: str = "hub-tied") -> tuple[Path, Path]:
+        if variant not in cache:
+            source = build_tiny_qwen2_vl(workdir / f"qwen2-vl-{variant}", **QWEN2_VL_VARIANTS[variant])
+            cache[variant] = (source, convert_qwen2_vl(source, workdir / f"qwen2-vl-ours-{variant}"))
+        return cache[variant]
 
     return get

@@ -34,6 +34,16 @@ def test_convert_with_verify_then_export_and_generate(llava_pair, tmp_path, caps
     assert answer.rstrip("\n") == generate(model, processor, [str(image)], "What is it?", max_new_tokens=5)
 
 
+def test_qwen2_vl_convert_verify_export_from_the_command_line(qwen2_vl_pair, tmp_path, capsys):
+    source, _ = qwen2_vl_pair()
+    assert main(["convert", "qwen2_vl", str(source), str(tmp_path / "ours"), "--verify"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main(["export", "qwen2_vl", str(tmp_path / "ours"), str(tmp_path / "exported")]) == 0
+    assert main(["tiny", "qwen2_vl", str(tmp_path / "tiny")]) == 0
+    assert main(["convert", "qwen2_vl", str(tmp_path / "tiny"), str(tmp_path / "ours"), "--vision-tower", "x"]) == 2
+    assert "--vision-tower is for the original LLaVA layout only" in capsys.readouterr().err
+
+
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["convert", "llava", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "error:" in capsys.readouterr().err

@@ -122,7 +122,7 @@ def test_dtype_option_casts_weights(llava_pair, tmp_path):
     assert model.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("variant", ["layer-2-default", "layers-list-tied"])
+@pytest.mark.parametrize("variant", ["layer-2-default", "layers-list-tied", "qwen2-text"])
 def test_export_round_trip_is_bit_exact(llava_pair, tmp_path, variant):
     source, converted = llava_pair(variant)
     exported = export_llava(converted, tmp_path / "exported")
@@ -164,3 +164,54 @@ def test_linear_projector_cannot_export(llava_original, tmp_path):
     with pytest.raises(NotImplementedError, match="single-linear projector"):
         export_llava(converted, tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen2-VL conversion
+
+
+@pytest.mark.parametrize("variant", ["hub-tied", "nested-untied"])
+def test_qwen2_vl_export_round_trip_is_bit_exact(qwen2_vl_pair, tmp_path, variant):
+    from conversion.qwen2_vl import convert_qwen2_vl, export_qwen2_vl
+
+    source, converted = qwen2_vl_pair(variant)
+    exported = export_qwen2_vl(converted, tmp_path / "exported")
+    assert_same_tensors(all_tensors(exported), all_tensors(source))
+    again = convert_qwen2_vl(exported, tmp_path / "again")
+    assert_same_tensors(all_tensors(again), all_tensors(converted))
+
+
+def test_qwen2_vl_exported_folder_serves_with_transformers(qwen2_vl_pair, tmp_path):
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from conversion.qwen2_vl import export_qwen2_vl
+
+    _, converted = qwen2_vl_pair("nested-untied")
+    exported = export_qwen2_vl(converted, tmp_path / "exported")
+    reference = Qwen2VLForConditionalGeneration.from_pretrained(exported).eval()
+    ours = AutoModelForImageTextToText.from_pretrained(converted).eval()
+    processor = AutoProcessor.from_pretrained(converted)
+    image = photo_like_image(140, 100)
+    reference_pixels = Qwen2VLImageProcessorPil.from_pretrained(exported)(image, return_tensors="pt")
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}], add_generation_prompt=True
+    )
+    inputs = processor(images=image, text=prompt, return_mm_token_type_ids=True)
+    assert torch.equal(reference_pixels["image_grid_thw"], inputs["image_grid_thw"])
+    with torch.no_grad():
+        ours_logits = ours(**inputs).logits
+        assert torch.allclose(reference(**inputs).logits, ours_logits, atol=1e-5)
+
+
+def test_qwen2_vl_sliding_window_is_refused(qwen2_vl_pair, tmp_path):
+    from conversion.qwen2_vl import convert_qwen2_vl
+
+    source, _ = qwen2_vl_pair()
+    config = json.loads((source / "config.json").read_text())
+    broken = tmp_path / "sliding"
+    broken.mkdir()
+    for path in source.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (broken / "config.json").write_text(json.dumps({**config, "use_sliding_window": True}))
+    with pytest.raises(NotImplementedError, match="use_sliding_window"):
+        convert_qwen2_vl(broken, tmp_path / "out")

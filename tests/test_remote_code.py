@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -56,8 +57,16 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_saved_checkpoint_loads_without_the_project(llava_pair, tmp_path):
-    _, converted = llava_pair()
+FAMILIES = {
+    "llava": ("llava_pair", "LlavaPattern"),
+    "qwen2_vl": ("qwen2_vl_pair", "Qwen2VLPattern"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_saved_checkpoint_loads_without_the_project(family, request, tmp_path):
+    fixture, prefix = FAMILIES[family]
+    _, converted = request.getfixturevalue(fixture)()
     model = AutoModelForImageTextToText.from_pretrained(converted).eval()
     processor = AutoProcessor.from_pretrained(converted)
     saved = tmp_path / "saved"
@@ -77,11 +86,11 @@ def test_saved_checkpoint_loads_without_the_project(llava_pair, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     names = json.loads(result.stdout.strip().splitlines()[-1])
     assert names == {
-        "config": "LlavaPatternConfig",
-        "model": "LlavaPatternForConditionalGeneration",
-        "base": "LlavaPatternModel",
-        "processor": "LlavaPatternProcessor",
-        "image_processor": "LlavaPatternImageProcessor",
+        "config": f"{prefix}Config",
+        "model": f"{prefix}ForConditionalGeneration",
+        "base": f"{prefix}Model",
+        "processor": f"{prefix}Processor",
+        "image_processor": f"{prefix}ImageProcessor",
         "model_module": names["model_module"],
     }
     assert names["model_module"].startswith("transformers_modules.")  # really the copied code, not ours
