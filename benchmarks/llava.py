@@ -79,6 +79,12 @@ def benchmark_processor(report: Report, image_size: int, repeats: int) -> None:
         )
 
 
+def run_processor(repeats: int) -> Report:
+    report = Report("llava", "image processor only", "cpu", "float32")
+    benchmark_processor(report, 336, repeats=max(repeats, 10))
+    return report
+
+
 def run(preset: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: int) -> Report:
     report = Report("llava", preset, device, str(dtype).removeprefix("torch."))
     tokenizer = build_tokenizer()

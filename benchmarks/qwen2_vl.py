@@ -100,6 +100,12 @@ def prompt_inputs(processor, device, dtype, images):
     return inputs
 
 
+def run_processor(repeats: int) -> Report:
+    report = Report("qwen2_vl", "image processor only", "cpu", "float32")
+    benchmark_processor(report, repeats=max(repeats, 10))
+    return report
+
+
 def run(preset: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: int) -> Report:
     report = Report("qwen2_vl", preset, device, str(dtype).removeprefix("torch."))
     tokenizer = build_qwen_tokenizer()

@@ -28,10 +28,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the processor always uses these)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per generate call")
+    parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per generate call")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is kept)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--readme", type=Path, help="replace this family's table in the README")
+    parser.add_argument("--processor-only", action="store_true", help="time the image processors only")
     parser.add_argument("--measure-memory", choices=["ours", "reference"], help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
 
@@ -42,14 +43,18 @@ def main(argv=None) -> int:
     if args.measure_memory:
         print(module.measure_memory(args.measure_memory, args.preset, args.device, DTYPES[args.dtype], args.new_tokens))
         return 0
-    report = module.run(args.preset, args.device, DTYPES[args.dtype], args.new_tokens, args.repeats)
+    if args.processor_only:
+        report = module.run_processor(args.repeats)
+    else:
+        report = module.run(args.preset, args.device, DTYPES[args.dtype], args.new_tokens, args.repeats)
     table = report.markdown()
     print(table)
     print(report.to_json())
     if args.json:
         args.json.write_text(report.to_json())
     if args.readme:
-        write_readme_section(args.readme, f"{args.family}:{args.preset}:{args.device}", table)
+        key = f"{args.family}:processor" if args.processor_only else f"{args.family}:{args.preset}:{args.device}"
+        write_readme_section(args.readme, key, table)
     return 0
 
 
