@@ -158,12 +158,14 @@ class Report:
 
 
 def ours_sharing_weights(reference: torch.nn.Module, model_class, config, rules, device: str) -> torch.nn.Module:
-    """Our model holding the reference's very tensors (no copy), mapped by the converter's key rules."""
+    """Our model holding the reference's very tensors (no copy), mapped by the converter's key rules (or KeyMap:
+    tensors a transform splits, such as a fused QKV, are copies)."""
     from conversion.key_mapping import KeyMap
 
     with torch.device("meta"):
         ours = model_class(config)
-    state = dict(KeyMap(rules).apply(reference.state_dict().items()))
+    key_map = rules if isinstance(rules, KeyMap) else KeyMap(rules)
+    state = dict(key_map.apply(reference.state_dict().items()))
     ours.load_state_dict(state, strict=True, assign=True)
     for module in ours.modules():  # rotary tables are non-persistent buffers, absent from state dicts
         if hasattr(module, "compute_inv_freq"):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from . import llava, qwen2_vl
+from . import fuyu, llava, qwen2_vl
 
-CONVERTERS = {"llava": llava.convert_llava, "qwen2_vl": qwen2_vl.convert_qwen2_vl}
-EXPORTERS = {"llava": llava.export_llava, "qwen2_vl": qwen2_vl.export_qwen2_vl}
+CONVERTERS = {"llava": llava.convert_llava, "qwen2_vl": qwen2_vl.convert_qwen2_vl, "fuyu": fuyu.convert_fuyu}
+EXPORTERS = {"llava": llava.export_llava, "qwen2_vl": qwen2_vl.export_qwen2_vl, "fuyu": fuyu.export_fuyu}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,9 +72,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from .tiny import build_tiny_llava_hf, build_tiny_qwen2_vl
+    from .tiny import build_tiny_fuyu, build_tiny_llava_hf, build_tiny_qwen2_vl
 
-    builders = {"llava": build_tiny_llava_hf, "qwen2_vl": build_tiny_qwen2_vl}
+    builders = {"llava": build_tiny_llava_hf, "qwen2_vl": build_tiny_qwen2_vl, "fuyu": build_tiny_fuyu}
     builders[args.family](args.output, seed=args.seed)
     print(f"Wrote a tiny random {args.family} checkpoint in the public layout to {args.output}")
     return 0

@@ -35,6 +35,7 @@ Architecture: {architecture}.
 PATTERNS = {
     "llava": "CLIP ViT features, projected by an MLP, replace the `<image>` placeholder embeddings of the LLM",
     "qwen2_vl": "a ViT at each image's native resolution (2D RoPE, 2x2 PatchMerger) feeds an LLM with multimodal RoPE",
+    "fuyu": "early fusion: raw image patches pass one Linear layer into the decoder's token stream, no vision encoder",
 }
 
 

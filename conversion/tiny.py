@@ -353,3 +353,88 @@ def build_tiny_qwen2_vl(
     tokenizer.save_pretrained(folder)
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2))
     return folder
+
+
+FUYU_SPECIAL_TOKENS = [
+    "|ENDOFTEXT|",
+    "<unk>",
+    "<s>",
+    "|SPEAKER|",
+    "|NEWLINE|",
+    "<0x00>",
+    "<0x01>",
+    "<0x02>",
+    "<0x03>",
+    "<0x04>",
+]
+
+
+def build_fuyu_tokenizer(vocab_size: int = 360) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE (spaces as `▁`, no BOS added by itself) with Fuyu's special tokens, its byte
+    tokens `<0x00>`..`<0x04>` (box, point and answer markers) and a token per coordinate value 0..999."""
+    import string
+
+    from tokenizers import AddedToken, normalizers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=FUYU_SPECIAL_TOKENS, initial_alphabet=list(string.printable) + ["▁"],
+        show_progress=False,
+    )  # fmt: skip
+    tokenizer.train_from_iterator(TINY_CORPUS * 4 + ["Generate a coco-style caption.", "Where is the dog?"], trainer)
+    tokenizer.add_tokens([AddedToken(str(i), normalized=False) for i in range(1000)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="|ENDOFTEXT|", unk_token="<unk>"
+    )
+
+
+def build_tiny_fuyu(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    num_heads: int = 4,
+    patch_size: int = 30,
+    canvas: tuple[int, int] = (1080, 1920),
+) -> Path:
+    """A random `FuyuForCausalLM` saved as `adept/fuyu-8b` is: the Hub's flat config.json (Persimmon fields at the
+    top), its key layout (fused, per-head interleaved QKV), the image processor config and tokenizer."""
+    import json
+
+    from transformers import FuyuConfig, FuyuForCausalLM, FuyuImageProcessorPil
+
+    folder = Path(folder)
+    tokenizer = build_fuyu_tokenizer()
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 4, num_hidden_layers=layers,
+        num_attention_heads=num_heads, hidden_act="relu2", max_position_embeddings=4096, layer_norm_eps=1e-5,
+        qk_layernorm=True, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+    )  # fmt: skip
+    config = FuyuConfig(
+        text_config=text, patch_size=patch_size, num_channels=3,
+        image_token_id=tokenizer.convert_tokens_to_ids("|SPEAKER|"), tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = FuyuForCausalLM(config).eval()
+    with torch.no_grad():  # non-zero biases and norms exercise more of the mapping
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    flat = {k: v for k, v in text.items() if k != "rope_parameters"}  # adept/fuyu-8b's config.json is flat
+    flat.update(
+        architectures=["FuyuForCausalLM"], model_type="fuyu", image_size=300, patch_size=patch_size, num_channels=3,
+        rope_theta=25000.0, partial_rotary_factor=0.5, image_token_id=config.image_token_id, tie_word_embeddings=False,
+        torch_dtype="float32",
+    )  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(flat, indent=2))
+    FuyuImageProcessorPil(
+        size={"height": canvas[0], "width": canvas[1]}, patch_size={"height": patch_size, "width": patch_size}
+    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -66,17 +66,29 @@ def default_test_image() -> PIL.Image.Image:
     return photo_like_image(320, 240, seed=1)
 
 
+# What the reference models read; our processors may add outputs meant for post-processing.
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+)
+
+
 def _compare(
     reference, ours, inputs: dict, reference_extra: dict, max_new_tokens: int
 ) -> tuple[float, list[int], list[int]]:
-    """Both models on the same tensors (`reference_extra`: inputs only the reference reads)."""
+    """Both models on the same tensors (the reference gets the model inputs, plus `reference_extra`)."""
+    reference_inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS} | reference_extra
     with torch.no_grad():
-        reference_logits = reference(**inputs, **reference_extra).logits.float()
+        reference_logits = reference(**reference_inputs).logits.float()
         our_logits = ours(**inputs).logits.float()
     diff = (reference_logits - our_logits).abs().max().item()
     generate = dict(max_new_tokens=max_new_tokens, do_sample=False)
     prompt_length = inputs["input_ids"].shape[1]
-    reference_tokens = reference.generate(**inputs, **reference_extra, **generate)[0, prompt_length:].tolist()
+    reference_tokens = reference.generate(**reference_inputs, **generate)[0, prompt_length:].tolist()
     our_tokens = ours.generate(**inputs, **generate)[0, prompt_length:].tolist()
     return diff, reference_tokens, our_tokens
 
@@ -108,11 +120,16 @@ def verify(
     processor = AutoProcessor.from_pretrained(converted)
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(images=images, text=prompt)
+    inputs = processor(images=images if family != "fuyu" else images[:1], text=prompt)
     ours = AutoModelForImageTextToText.from_pretrained(converted, dtype=dtype).to(device).eval()
 
     reference_extra = {}
-    if family == "qwen2_vl":
+    if family == "fuyu":
+        from transformers import FuyuForCausalLM
+
+        reference = FuyuForCausalLM.from_pretrained(source_dir, dtype=dtype).to(device).eval()
+        reference_inputs = fuyu_reference_inputs(source_dir, images[:1], [prompt])
+    elif family == "qwen2_vl":
         from transformers import Qwen2VLForConditionalGeneration
 
         reference = Qwen2VLForConditionalGeneration.from_pretrained(source_dir, dtype=dtype).to(device).eval()
@@ -159,11 +176,43 @@ def qwen2_vl_reference_inputs(source_dir: Path, images: list, prompt: str) -> di
     }
 
 
+def fuyu_reference_inputs(source_dir: Path, images: list, prompts: list[str]) -> dict:
+    """Fuyu's reference stream and patches, built as transformers' FuyuProcessor documents them: per patch row,
+    `|SPEAKER|` x columns + `|NEWLINE|`; then `<s>`, the prompt tokenized without special tokens, `<0x04>`; left
+    padding with id 0. Patches come from `FuyuImageProcessorPil` (resize, pad, normalise) cropped to whole patches
+    and cut by its own `patchify_image`. (FuyuProcessor itself is not run: in transformers 5.24 its PIL path hands
+    torch tensors to the numpy patchify, and it drops the first placeholder token, assuming SentencePiece's `▁`.)"""
+    import math
+
+    from transformers import AutoTokenizer, FuyuImageProcessorPil
+
+    image_processor = FuyuImageProcessorPil.from_pretrained(source_dir)
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    P = image_processor.patch_size["height"]
+    vocab = tokenizer.get_vocab()
+    streams, patches = [], []
+    for image, prompt in zip(images, prompts, strict=True):
+        out = image_processor(image, return_tensors="np")
+        height, width = int(out["image_unpadded_heights"][0][0]), int(out["image_unpadded_widths"][0][0])
+        rows, cols = math.ceil(height / P), math.ceil(width / P)
+        canvas = out["images"][0][0][:, : rows * P, : cols * P]
+        patches.append(torch.as_tensor(image_processor.patchify_image(canvas[None])).reshape(rows * cols, -1))
+        stream = ([vocab["|SPEAKER|"]] * cols + [vocab["|NEWLINE|"]]) * rows + [tokenizer.bos_token_id]
+        streams.append(stream + tokenizer(prompt, add_special_tokens=False)["input_ids"] + [vocab["<0x04>"]])
+    longest = max(map(len, streams))
+    input_ids = torch.tensor([[0] * (longest - len(s)) + s for s in streams])
+    attention_mask = torch.tensor([[0] * (longest - len(s)) + [1] * len(s) for s in streams])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": torch.cat(patches)}
+
+
 def pixel_agreement_for(reference: torch.Tensor, ours: torch.Tensor, std: list[float]) -> tuple[float, float]:
-    """Pixel agreement for either layout: images (N, 3, H, W), or flattened Qwen2-VL patches (N, 3 * T * P * P)."""
-    if reference.dim() == 2:
-        channels = len(std)
-        reference, ours = (x.view(x.shape[0], channels, -1, 1) for x in (reference, ours))
+    """Pixel agreement for any layout: images (N, 3, H, W), flattened Qwen2-VL patches (N, 3 * T * P * P, channel
+    first), or Fuyu patches (N, P * P * 3, channel last; a scalar std)."""
+    if isinstance(std, (int, float)):
+        std = [std] * 3
+        reference, ours = (x.reshape(x.shape[0], -1, 3).transpose(1, 2).unsqueeze(-1) for x in (reference, ours))
+    elif reference.dim() == 2:
+        reference, ours = (x.view(x.shape[0], len(std), -1, 1) for x in (reference, ours))
     return pixel_agreement(reference, ours, std)
 
 

@@ -8,6 +8,8 @@ After `import modeling`, `AutoConfig`, `AutoModel`, `AutoModelForImageTextToText
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from processing import (
+    FuyuPatternImageProcessor,
+    FuyuPatternProcessor,
     LlavaPatternImageProcessor,
     LlavaPatternProcessor,
     Qwen2VLPatternImageProcessor,
@@ -15,8 +17,10 @@ from processing import (
 )
 
 from .configuration_backbones import TextDecoderConfig, VisionTowerConfig
+from .configuration_fuyu import FuyuPatternConfig
 from .configuration_llava import LlavaPatternConfig
 from .configuration_qwen2_vl import Qwen2VLPatternConfig, Qwen2VLVisionTowerConfig
+from .modeling_fuyu import FuyuPatternForConditionalGeneration, FuyuPatternModel
 from .modeling_llava import LlavaPatternForConditionalGeneration, LlavaPatternModel
 from .modeling_qwen2_vl import Qwen2VLPatternForConditionalGeneration, Qwen2VLPatternModel
 
@@ -34,6 +38,13 @@ FAMILIES = {
         Qwen2VLPatternForConditionalGeneration,
         Qwen2VLPatternProcessor,
         Qwen2VLPatternImageProcessor,
+    ),
+    "fuyu": (
+        FuyuPatternConfig,
+        FuyuPatternModel,
+        FuyuPatternForConditionalGeneration,
+        FuyuPatternProcessor,
+        FuyuPatternImageProcessor,
     ),
 }
 
@@ -56,6 +67,9 @@ for _classes in FAMILIES.values():
 
 __all__ = [
     "FAMILIES",
+    "FuyuPatternConfig",
+    "FuyuPatternForConditionalGeneration",
+    "FuyuPatternModel",
     "LlavaPatternConfig",
     "LlavaPatternForConditionalGeneration",
     "LlavaPatternModel",

@@ -136,6 +136,15 @@ class DecoderAttention(nn.Module):
         return self.o_proj(out.reshape(B, T, -1))
 
 
+# Activations applied in place when no gradient is recorded: the MLP's widest tensors are then written once
+# instead of two or three times (same values; with autograd on, the usual out-of-place functions run).
+INPLACE_ACTIVATIONS = {
+    "silu": lambda x: torch.nn.functional.silu(x, inplace=True),
+    "relu": torch.relu_,
+    "relu2": lambda x: torch.relu_(x).square_(),
+}
+
+
 class DecoderMLP(nn.Module):
     """Gated (SwiGLU: down(act(gate(x)) * up(x))) or plain (down(act(up(x)))) feed-forward."""
 
@@ -147,11 +156,15 @@ class DecoderMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.act_inplace = INPLACE_ACTIVATIONS.get(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inplace = self.act_inplace is not None and not torch.is_grad_enabled()
+        hidden = self.gate_proj(x) if self.gated else self.up_proj(x)
+        hidden = self.act_inplace(hidden) if inplace else self.act_fn(hidden)
         if self.gated:
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act_fn(self.up_proj(x)))
+            hidden = hidden.mul_(self.up_proj(x)) if inplace else hidden * self.up_proj(x)
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(GradientCheckpointingLayer):

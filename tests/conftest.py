@@ -11,10 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import modeling  # noqa: E402,F401  (registers the Auto classes)
+from conversion.fuyu import convert_fuyu  # noqa: E402
 from conversion.llava import convert_llava  # noqa: E402
 from conversion.qwen2_vl import convert_qwen2_vl  # noqa: E402
 from conversion.tiny import (  # noqa: E402
     build_tiny_clip,
+    build_tiny_fuyu,
     build_tiny_llava_hf,
     build_tiny_llava_original,
     build_tiny_qwen2_vl,
@@ -85,6 +87,26 @@ def qwen2_vl_pair(workdir):
         if variant not in cache:
             source = build_tiny_qwen2_vl(workdir / f"qwen2-vl-{variant}", **QWEN2_VL_VARIANTS[variant])
             cache[variant] = (source, convert_qwen2_vl(source, workdir / f"qwen2-vl-ours-{variant}"))
+        return cache[variant]
+
+    return get
+
+
+# Fuyu: a small canvas keeps "larger than the canvas" cheap to test; a second seed and width for independence.
+FUYU_VARIANTS = {
+    "small-canvas": dict(canvas=(120, 180)),
+    "wider": dict(canvas=(150, 150), hidden_size=96, num_heads=6, seed=1),
+}
+
+
+@pytest.fixture(scope="session")
+def fuyu_pair(workdir):
+    cache = {}
+
+    def get(variant: str = "small-canvas") -> tuple[Path, Path]:
+        if variant not in cache:
+            source = build_tiny_fuyu(workdir / f"fuyu-{variant}", **FUYU_VARIANTS[variant])
+            cache[variant] = (source, convert_fuyu(source, workdir / f"fuyu-ours-{variant}"))
         return cache[variant]
 
     return get

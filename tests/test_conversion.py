@@ -215,3 +215,33 @@ def test_qwen2_vl_sliding_window_is_refused(qwen2_vl_pair, tmp_path):
     (broken / "config.json").write_text(json.dumps({**config, "use_sliding_window": True}))
     with pytest.raises(NotImplementedError, match="use_sliding_window"):
         convert_qwen2_vl(broken, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fuyu conversion
+
+
+@pytest.mark.parametrize("variant", ["small-canvas", "wider"])
+def test_fuyu_export_round_trip_is_bit_exact(fuyu_pair, tmp_path, variant):
+    from conversion.fuyu import convert_fuyu, export_fuyu
+
+    source, converted = fuyu_pair(variant)
+    exported = export_fuyu(converted, tmp_path / "exported")
+    assert_same_tensors(all_tensors(exported), all_tensors(source))  # the fused QKV is re-interleaved exactly
+    again = convert_fuyu(exported, tmp_path / "again")
+    assert_same_tensors(all_tensors(again), all_tensors(converted))
+
+
+def test_fuyu_qkv_split_follows_the_per_head_interleaving(fuyu_pair):
+    from transformers import FuyuForCausalLM
+
+    source, converted = fuyu_pair()
+    reference = FuyuForCausalLM.from_pretrained(source)
+    ours = AutoModelForImageTextToText.from_pretrained(converted)
+    attention = reference.model.language_model.layers[1].self_attn
+    heads, head_dim = attention.config.num_attention_heads, attention.head_dim
+    hidden = torch.randn(1, 3, attention.config.hidden_size)
+    q, k, v = attention._split_heads(attention.query_key_value(hidden))  # transformers' own split: (1, 3, H, d)
+    mine = ours.model.language_model.layers[1].self_attn
+    for theirs, projection in ((q, mine.q_proj), (k, mine.k_proj), (v, mine.v_proj)):
+        assert torch.allclose(theirs, projection(hidden).view(1, 3, heads, head_dim), atol=1e-6)

@@ -60,6 +60,7 @@ CHILD = textwrap.dedent(
 FAMILIES = {
     "llava": ("llava_pair", "LlavaPattern"),
     "qwen2_vl": ("qwen2_vl_pair", "Qwen2VLPattern"),
+    "fuyu": ("fuyu_pair", "FuyuPattern"),
 }
 
 
