@@ -13,12 +13,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py and the family modules
 
+import flamingo  # noqa: E402
 import fuyu  # noqa: E402
 import llava  # noqa: E402
 import qwen2_vl  # noqa: E402
 from harness import write_readme_section  # noqa: E402
 
-FAMILIES = {"llava": llava, "qwen2_vl": qwen2_vl, "fuyu": fuyu}
+FAMILIES = {"flamingo": flamingo, "llava": llava, "qwen2_vl": qwen2_vl, "fuyu": fuyu}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

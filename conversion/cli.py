@@ -6,10 +6,22 @@ from pathlib import Path
 
 import torch
 
-from . import fuyu, llava, qwen2_vl
+from . import fuyu, idefics, llava, openflamingo, qwen2_vl
 
-CONVERTERS = {"llava": llava.convert_llava, "qwen2_vl": qwen2_vl.convert_qwen2_vl, "fuyu": fuyu.convert_fuyu}
-EXPORTERS = {"llava": llava.export_llava, "qwen2_vl": qwen2_vl.export_qwen2_vl, "fuyu": fuyu.export_fuyu}
+# Source layouts that convert; IDEFICS and OpenFlamingo both become the Flamingo pattern.
+CONVERTERS = {
+    "llava": llava.convert_llava,
+    "qwen2_vl": qwen2_vl.convert_qwen2_vl,
+    "fuyu": fuyu.convert_fuyu,
+    "idefics": idefics.convert_idefics,
+    "openflamingo": openflamingo.convert_openflamingo,
+}
+EXPORTERS = {
+    "llava": llava.export_llava,
+    "qwen2_vl": qwen2_vl.export_qwen2_vl,
+    "fuyu": fuyu.export_fuyu,
+    "idefics": idefics.export_idefics,
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -29,10 +41,19 @@ def cmd_convert(args) -> int:
         if args.family != "llava":
             raise ValueError("--vision-tower is for the original LLaVA layout only")
         kwargs["vision_tower"] = args.vision_tower
+    if args.family == "openflamingo":
+        if not (args.vision and args.language):
+            raise ValueError("openflamingo needs --vision (its CLIP tower) and --language (its base language model)")
+        kwargs.update(vision=args.vision, language=args.language, tokenizer=args.tokenizer)
+    elif args.vision or args.language or args.tokenizer:
+        raise ValueError("--vision, --language and --tokenizer are for openflamingo only")
     output = CONVERTERS[args.family](args.source, args.output, **kwargs)
     print(f"Converted {args.source} -> {output}")
     if args.verify:
-        report = verify(args.family, args.source, output, device=args.device, vision_tower=args.vision_tower)
+        report = verify(
+            args.family, args.source, output, device=args.device, vision_tower=args.vision_tower,
+            vision=args.vision, language=args.language,
+        )  # fmt: skip
         print(report.summary())
         if not report.passed:
             return 1
@@ -60,6 +81,8 @@ def cmd_verify(args) -> int:
         device=args.device,
         dtype=DTYPES[args.dtype],
         vision_tower=args.vision_tower,
+        vision=args.vision,
+        language=args.language,
     )
     print(report.summary())
     return 0 if report.passed else 1
@@ -72,11 +95,24 @@ def cmd_generate(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from .tiny import build_tiny_fuyu, build_tiny_llava_hf, build_tiny_qwen2_vl
+    from .tiny import (
+        build_tiny_fuyu,
+        build_tiny_idefics,
+        build_tiny_llava_hf,
+        build_tiny_open_flamingo,
+        build_tiny_qwen2_vl,
+    )
 
-    builders = {"llava": build_tiny_llava_hf, "qwen2_vl": build_tiny_qwen2_vl, "fuyu": build_tiny_fuyu}
+    builders = {
+        "llava": build_tiny_llava_hf,
+        "qwen2_vl": build_tiny_qwen2_vl,
+        "fuyu": build_tiny_fuyu,
+        "idefics": build_tiny_idefics,
+        "openflamingo": build_tiny_open_flamingo,
+    }
     builders[args.family](args.output, seed=args.seed)
-    print(f"Wrote a tiny random {args.family} checkpoint in the public layout to {args.output}")
+    what = "checkpoint.pt, clip/ and llama/" if args.family == "openflamingo" else "a checkpoint"
+    print(f"Wrote a tiny random {args.family} ({what}) in the public layout to {args.output}")
     return 0
 
 
@@ -107,19 +143,30 @@ def cmd_demo(args) -> int:
     return 0 if report.passed else 1
 
 
+def add_openflamingo_sources(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vision", help="openflamingo: its CLIP tower in transformers' layout (e.g. openai/clip-vit-large-patch14)"
+    )
+    parser.add_argument("--language", help="openflamingo: its base language model (a Llama folder or Hub id)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-patterns", description="The VLM architecture patterns, on Hugging Face.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a public checkpoint (Hub id or folder) into ours")
     p.add_argument("family", choices=sorted(CONVERTERS))
-    p.add_argument("source", help="Hub repository id or local folder in the public layout")
+    p.add_argument(
+        "source", help="Hub repository id or local folder in the public layout (openflamingo: checkpoint.pt)"
+    )
     p.add_argument("output", help="folder to create")
     p.add_argument("--verify", action="store_true", help="check parity with transformers' reference afterwards")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights (default: keep the checkpoint's)")
     p.add_argument(
         "--vision-tower", help="original LLaVA layout: the CLIP tower (default: the config's mm_vision_tower)"
     )
+    add_openflamingo_sources(p)
+    p.add_argument("--tokenizer", help="openflamingo: the tokenizer it was trained with (default: --language's)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the result, with a model card, to this Hub repository")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -141,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--vision-tower")
+    add_openflamingo_sources(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("generate", help="answer a prompt about images with a checkpoint")

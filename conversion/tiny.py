@@ -438,3 +438,141 @@ def build_tiny_fuyu(
     ).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def build_idefics_tokenizer(end_of_utterance: bool = False) -> PreTrainedTokenizerFast:
+    """Llama-like (`<unk>` 0, `<s>` 1, `</s>` 2, `<unk>` as padding) plus IDEFICS's two added tokens at the end
+    of the vocabulary, `<fake_token_around_image>` and `<image>` (and `<end_of_utterance>` for -instruct)."""
+    tokenizer = build_tokenizer(special_tokens=["<unk>", "<s>", "</s>"])
+    extra = ["<fake_token_around_image>", "<image>"] + (["<end_of_utterance>"] if end_of_utterance else [])
+    tokenizer.add_special_tokens({"additional_special_tokens": extra, "pad_token": "<unk>"})
+    return tokenizer
+
+
+def build_tiny_idefics(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    text_hidden_size: int = 64,
+    text_layers: int = 4,
+    num_heads: int = 4,
+    cross_layer_interval: int = 2,
+    alpha_type: str = "float",
+    qk_layer_norms: bool = True,
+    use_resampler: bool = True,
+    num_latents: int = 8,
+    end_of_utterance: bool = False,
+) -> Path:
+    """A random `IdeficsForVisionText2Text` + `IdeficsProcessor` saved as `HuggingFaceM4/idefics-9b` is (two
+    decoupled extra tokens, every `cross_layer_interval`-th layer gated), with its gates opened: random alphas,
+    so the cross-attention actually changes the logits."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil, IdeficsProcessor
+
+    folder = Path(folder)
+    tokenizer = build_idefics_tokenizer(end_of_utterance)
+    base_vocab = tokenizer.convert_tokens_to_ids("<fake_token_around_image>")
+    config = IdeficsConfig(
+        vocab_size=base_vocab, additional_vocab_size=len(tokenizer) - base_vocab, hidden_size=text_hidden_size,
+        intermediate_size=text_hidden_size * 2 + 8, num_hidden_layers=text_layers, num_attention_heads=num_heads,
+        max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.2, cross_layer_interval=cross_layer_interval,
+        alpha_type=alpha_type, qk_layer_norms=qk_layer_norms, use_resampler=use_resampler,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vision_config=dict(
+            embed_dim=vision_hidden_size, image_size=image_size, patch_size=patch_size,
+            intermediate_size=vision_hidden_size * 2 + 4, num_hidden_layers=vision_layers, num_attention_heads=4,
+            hidden_act="gelu",
+        ),
+        perceiver_config=dict(
+            use_resampler=use_resampler, resampler_n_latents=num_latents, resampler_depth=2, resampler_n_heads=2,
+            resampler_head_dim=12, qk_layer_norms_perceiver=qk_layer_norms,
+        ),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = IdeficsForVisionText2Text(config).eval()
+    with torch.no_grad():  # open the gates; non-zero biases and norms exercise more of the mapping
+        for name, param in model.named_parameters():
+            if name.split(".")[-1] in ("alpha_cross_attn", "alpha_dense"):
+                param.copy_(torch.empty_like(param).uniform_(0.4, 1.2) * torch.sign(torch.randn_like(param)))
+            elif name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    image_processor = IdeficsImageProcessorPil(image_size=image_size)
+    IdeficsProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_open_flamingo(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    cross_attn_every_n_layers: int = 2,
+    text_hidden_size: int = 64,
+    text_layers: int = 4,
+    num_latents: int = 8,
+    heads: int = 2,
+    full_state_dict: bool = False,
+) -> tuple[Path, Path, Path]:
+    """OpenFlamingo's three sources in their public layouts: a CLIP tower (transformers' layout), a Llama base
+    model with its tokenizer, and `checkpoint.pt` with OpenFlamingo's names (resampler, gated blocks before
+    layers with (i + 1) % n == 0, the input embeddings grown by `<|endofchunk|>`, `<image>`, `<PAD>`), gates
+    opened. With `full_state_dict` it also holds the wrapped decoder layers and their aliases, as a full
+    `model.state_dict()` does. Returns (checkpoint.pt, CLIP folder, Llama folder)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    clip = build_tiny_clip(folder / "clip", seed=seed, hidden_size=32, layers=2)
+    language = folder / "llama"
+    tokenizer = build_tokenizer(special_tokens=["<unk>", "<s>", "</s>"])
+    torch.manual_seed(seed)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=text_hidden_size, intermediate_size=text_hidden_size * 2 + 8,
+        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        rms_norm_eps=1e-5, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )).eval()  # fmt: skip
+    llama.save_pretrained(language)
+    tokenizer.save_pretrained(language)
+
+    generator = torch.Generator().manual_seed(seed + 100)
+
+    def randn(*shape, std=0.2):
+        return torch.randn(*shape, generator=generator) * std
+
+    def layer_norm(prefix, dim):
+        return {f"{prefix}.weight": 1 + randn(dim, std=0.1), f"{prefix}.bias": randn(dim, std=0.1)}
+
+    vision, text, inner = 32, text_hidden_size, heads * 64
+    state = {"perceiver.latents": randn(num_latents, vision, std=1.0), **layer_norm("perceiver.norm", vision)}
+    for i in range(2):
+        p = f"perceiver.layers.{i}"
+        state |= layer_norm(f"{p}.0.norm_media", vision) | layer_norm(f"{p}.0.norm_latents", vision)
+        state |= {f"{p}.0.to_q.weight": randn(inner, vision), f"{p}.0.to_kv.weight": randn(2 * inner, vision),
+                  f"{p}.0.to_out.weight": randn(vision, inner), **layer_norm(f"{p}.1.0", vision),
+                  f"{p}.1.1.weight": randn(4 * vision, vision), f"{p}.1.3.weight": randn(vision, 4 * vision)}  # fmt: skip
+    blocks = [i for i in range(text_layers) if (i + 1) % cross_attn_every_n_layers == 0]
+    for i in blocks:
+        p = f"lang_encoder.model.layers.{i}.gated_cross_attn_layer"
+        state |= {f"{p}.attn_gate": randn(1, std=1.0), f"{p}.ff_gate": randn(1, std=1.0),
+                  **layer_norm(f"{p}.attn.norm", text), f"{p}.attn.to_q.weight": randn(inner, text),
+                  f"{p}.attn.to_kv.weight": randn(2 * inner, vision), f"{p}.attn.to_out.weight": randn(text, inner),
+                  **layer_norm(f"{p}.ff.0", text), f"{p}.ff.1.weight": randn(4 * text, text),
+                  f"{p}.ff.3.weight": randn(text, 4 * text)}  # fmt: skip
+    embed = llama.get_input_embeddings().weight.detach()
+    state["lang_encoder.model.embed_tokens.weight"] = torch.cat([embed, randn(3, text)])  # chunk, image, <PAD>
+    if full_state_dict:
+        for key, tensor in llama.state_dict().items():
+            if key.startswith("model.layers."):
+                i, rest = key.removeprefix("model.layers.").split(".", 1)
+                state[f"lang_encoder.model.layers.{i}.decoder_layer.{rest}"] = tensor
+                state[f"lang_encoder.old_decoder_blocks.{i}.{rest}"] = tensor.clone()
+        for key in [k for k in state if ".gated_cross_attn_layer." in k]:
+            i = key.split(".")[3]
+            state[f"lang_encoder.gated_cross_attn_layers.{i}.{key.split('.gated_cross_attn_layer.')[1]}"] = state[key]
+        state["lang_encoder.model.norm.weight"] = llama.model.norm.weight.detach()
+    checkpoint = folder / "checkpoint.pt"
+    torch.save({key: tensor.clone().contiguous() for key, tensor in state.items()}, checkpoint)
+    return checkpoint, clip, language

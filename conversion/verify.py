@@ -104,27 +104,53 @@ def verify(
     question: str = "What is in the image?",
     max_new_tokens: int = 8,
     vision_tower: str | Path | None = None,
+    vision: str | Path | None = None,
+    language: str | Path | None = None,
 ) -> ParityReport:
     """Our converted checkpoint vs transformers' reference on the same weights and the same tensors.
 
     References: `LlavaForConditionalGeneration` (llava-hf sources); for the original LLaVA layout, the original
-    forward assembled from transformers' `CLIPVisionModel` and `LlamaForCausalLM`; `Qwen2VLForConditionalGeneration`.
+    forward assembled from transformers' `CLIPVisionModel` and `LlamaForCausalLM`; `Qwen2VLForConditionalGeneration`;
+    `FuyuForCausalLM`; `IdeficsForVisionText2Text` (idefics, with IdeficsProcessor's image attention mask);
+    for openflamingo (`source` is checkpoint.pt, with its `vision` and `language` bases) OpenFlamingo's forward
+    assembled from those three sources (openflamingo_reference.py), with CLIPImageProcessor for the pixels.
     Processors are compared too: token ids must be identical, pixels within the bound of `pixels_agree`.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import modeling  # noqa: F401  (registers our classes with the Auto API)
 
-    source_dir = resolve_source(source)
+    family = {"flamingo": "idefics"}.get(family, family)
+    source_dir = Path(source) if family == "openflamingo" else resolve_source(source)
     images = images or [default_test_image()]
     processor = AutoProcessor.from_pretrained(converted)
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    if family == "openflamingo":  # OpenFlamingo is a few-shot model: an in-context prompt, no chat turns
+        prompt = processor.few_shot_prompt([f"An image of {i}." for i in range(len(images) - 1)], "An image of")
     inputs = processor(images=images if family != "fuyu" else images[:1], text=prompt)
     ours = AutoModelForImageTextToText.from_pretrained(converted, dtype=dtype).to(device).eval()
 
     reference_extra = {}
-    if family == "fuyu":
+    if family == "openflamingo":
+        from transformers import CLIPImageProcessorPil
+
+        from .openflamingo_reference import OpenFlamingoReference
+
+        if vision is None or language is None:
+            raise ValueError("OpenFlamingo verification needs the CLIP tower (vision) and base model (language)")
+        reference = OpenFlamingoReference(source_dir, resolve_source(vision), resolve_source(language), ours, dtype)
+        reference = reference.to(device)
+        pixels = CLIPImageProcessorPil.from_pretrained(resolve_source(vision))(images, return_tensors="pt")
+        reference_inputs = {"input_ids": inputs["input_ids"], "pixel_values": pixels["pixel_values"]}
+        reference_extra["eos_token_ids"] = tuple(_as_list(ours.generation_config.eos_token_id))
+    elif family == "idefics":
+        from transformers import IdeficsForVisionText2Text
+
+        reference = IdeficsForVisionText2Text.from_pretrained(source_dir, dtype=dtype).to(device).eval()
+        reference_inputs = idefics_reference_inputs(source_dir, [images], [prompt])
+        reference_extra["image_attention_mask"] = reference_inputs["image_attention_mask"].to(device)
+    elif family == "fuyu":
         from transformers import FuyuForCausalLM
 
         reference = FuyuForCausalLM.from_pretrained(source_dir, dtype=dtype).to(device).eval()
@@ -153,6 +179,10 @@ def verify(
     return ParityReport(diff, LOGIT_TOLERANCE[dtype], reference_tokens, our_tokens, ids_equal, *pixels)
 
 
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def verify_llava(source, converted, **kwargs) -> ParityReport:
     return verify("llava", source, converted, **kwargs)
 
@@ -174,6 +204,27 @@ def qwen2_vl_reference_inputs(source_dir: Path, images: list, prompt: str) -> di
         "pixel_values": image_inputs["pixel_values"],
         "mm_token_type_ids": mm_token_type_ids,
     }
+
+
+def idefics_reference_inputs(
+    source_dir: Path, images: list[list], prompts: list[str], padding_side: str = "left"
+) -> dict:
+    """transformers' IdeficsProcessor on the same prompts: each prompt split at `<image>` into IDEFICS's
+    interleaved list form (text, image, text, ...), with that row's images in order."""
+    from transformers import IdeficsProcessor
+
+    processor = IdeficsProcessor.from_pretrained(source_dir)
+    processor.tokenizer.padding_side = padding_side
+    interleaved = []
+    for prompt, row in zip(prompts, images, strict=True):
+        pieces = prompt.split("<image>")
+        if len(pieces) - 1 != len(row):
+            raise ValueError(f"The prompt has {len(pieces) - 1} <image> tokens but {len(row)} images")
+        items = [pieces[0]]
+        for image, text in zip(row, pieces[1:], strict=True):
+            items += [image, text]
+        interleaved.append([item for item in items if not isinstance(item, str) or item])
+    return processor(text=interleaved, return_tensors="pt")
 
 
 def fuyu_reference_inputs(source_dir: Path, images: list, prompts: list[str]) -> dict:
@@ -206,8 +257,9 @@ def fuyu_reference_inputs(source_dir: Path, images: list, prompts: list[str]) ->
 
 
 def pixel_agreement_for(reference: torch.Tensor, ours: torch.Tensor, std: list[float]) -> tuple[float, float]:
-    """Pixel agreement for any layout: images (N, 3, H, W), flattened Qwen2-VL patches (N, 3 * T * P * P, channel
-    first), or Fuyu patches (N, P * P * 3, channel last; a scalar std)."""
+    """Pixel agreement for any layout: images (N, 3, H, W) or per row (B, I, 3, H, W), flattened Qwen2-VL patches
+    (N, 3 * T * P * P, channel first), or Fuyu patches (N, P * P * 3, channel last; a scalar std)."""
+    reference, ours = (x.flatten(0, 1) if x.dim() == 5 else x for x in (reference, ours))
     if isinstance(std, (int, float)):
         std = [std] * 3
         reference, ours = (x.reshape(x.shape[0], -1, 3).transpose(1, 2).unsqueeze(-1) for x in (reference, ours))

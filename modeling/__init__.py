@@ -8,6 +8,8 @@ After `import modeling`, `AutoConfig`, `AutoModel`, `AutoModelForImageTextToText
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from processing import (
+    FlamingoPatternImageProcessor,
+    FlamingoPatternProcessor,
     FuyuPatternImageProcessor,
     FuyuPatternProcessor,
     LlavaPatternImageProcessor,
@@ -17,14 +19,23 @@ from processing import (
 )
 
 from .configuration_backbones import TextDecoderConfig, VisionTowerConfig
+from .configuration_flamingo import FlamingoPatternConfig
 from .configuration_fuyu import FuyuPatternConfig
 from .configuration_llava import LlavaPatternConfig
 from .configuration_qwen2_vl import Qwen2VLPatternConfig, Qwen2VLVisionTowerConfig
+from .modeling_flamingo import FlamingoPatternForConditionalGeneration, FlamingoPatternModel
 from .modeling_fuyu import FuyuPatternForConditionalGeneration, FuyuPatternModel
 from .modeling_llava import LlavaPatternForConditionalGeneration, LlavaPatternModel
 from .modeling_qwen2_vl import Qwen2VLPatternForConditionalGeneration, Qwen2VLPatternModel
 
 FAMILIES = {
+    "flamingo": (
+        FlamingoPatternConfig,
+        FlamingoPatternModel,
+        FlamingoPatternForConditionalGeneration,
+        FlamingoPatternProcessor,
+        FlamingoPatternImageProcessor,
+    ),
     "llava": (
         LlavaPatternConfig,
         LlavaPatternModel,
@@ -67,6 +78,9 @@ for _classes in FAMILIES.values():
 
 __all__ = [
     "FAMILIES",
+    "FlamingoPatternConfig",
+    "FlamingoPatternForConditionalGeneration",
+    "FlamingoPatternModel",
     "FuyuPatternConfig",
     "FuyuPatternForConditionalGeneration",
     "FuyuPatternModel",

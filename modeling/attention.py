@@ -43,3 +43,14 @@ def eager_attention(
 def attention_function(config) -> Callable:
     """The kernel chosen by `config._attn_implementation` ("eager", "sdpa", "flash_attention_2", ...)."""
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention)
+
+
+def masked_attention_function(config) -> Callable:
+    """The kernel for attention under an arbitrary additive mask (cross-attention to chosen images).
+
+    Flash-attention kernels take only causal/padding masks, so they fall back to sdpa here.
+    """
+    implementation = config._attn_implementation
+    if implementation not in ("eager", "sdpa"):
+        implementation = "sdpa"
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)

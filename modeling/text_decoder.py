@@ -32,10 +32,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(input_dtype)
 
 
-def make_norm(config: TextDecoderConfig, dim: int) -> nn.Module:
-    if config.norm_type == "layernorm":
-        return nn.LayerNorm(dim, eps=config.norm_eps)
-    return RMSNorm(dim, eps=config.norm_eps)
+def make_norm(norm_type: str, dim: int, eps: float) -> nn.Module:
+    """ "layernorm" (with bias) or "rmsnorm"."""
+    if norm_type == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    return RMSNorm(dim, eps=eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -148,15 +149,15 @@ INPLACE_ACTIVATIONS = {
 class DecoderMLP(nn.Module):
     """Gated (SwiGLU: down(act(gate(x)) * up(x))) or plain (down(act(up(x)))) feed-forward."""
 
-    def __init__(self, config: TextDecoderConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int, mlp_type: str, hidden_act: str, bias: bool):
         super().__init__()
-        self.gated = config.mlp_type == "gated"
+        self.gated = mlp_type == "gated"
         if self.gated:
-            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.act_fn = ACT2FN[config.hidden_act]
-        self.act_inplace = INPLACE_ACTIVATIONS.get(config.hidden_act)
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = ACT2FN[hidden_act]
+        self.act_inplace = INPLACE_ACTIVATIONS.get(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inplace = self.act_inplace is not None and not torch.is_grad_enabled()
@@ -170,10 +171,12 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: TextDecoderConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = make_norm(config, config.hidden_size)
+        self.input_layernorm = make_norm(config.norm_type, config.hidden_size, config.norm_eps)
         self.self_attn = DecoderAttention(config, layer_idx)
-        self.post_attention_layernorm = make_norm(config, config.hidden_size)
-        self.mlp = DecoderMLP(config)
+        self.post_attention_layernorm = make_norm(config.norm_type, config.hidden_size, config.norm_eps)
+        self.mlp = DecoderMLP(
+            config.hidden_size, config.intermediate_size, config.mlp_type, config.hidden_act, config.mlp_bias
+        )
 
     def forward(
         self,
@@ -203,7 +206,7 @@ class TextDecoder(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = make_norm(config, config.hidden_size)
+        self.norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
     def prepare(

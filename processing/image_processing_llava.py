@@ -52,7 +52,8 @@ class LlavaPatternImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         """
-        size: `{"shortest_edge": 336}`; crop_size: `{"height": 336, "width": 336}`.
+        size: `{"shortest_edge": 336}` (or a plain int, the same); crop_size: `{"height": 336, "width": 336}`
+            (or an int for a square).
         resample: "bicubic", "bilinear" or "nearest" (PIL's integer codes are accepted).
         do_pad: pad to a square with the mean colour before resizing (original LLaVA-1.5, not llava-hf).
         max_image_pixels / max_aspect_ratio: larger or more elongated images are refused with an error,
@@ -63,6 +64,9 @@ class LlavaPatternImageProcessor(BaseImageProcessor):
         kwargs.pop("do_convert_rgb", None)  # always RGB
         super().__init__(**kwargs)
         self.do_resize = do_resize
+        # Older preprocessor_config.json files (e.g. openai/clip-vit-large-patch14) give plain ints.
+        size = {"shortest_edge": size} if isinstance(size, int) else size
+        crop_size = {"height": crop_size, "width": crop_size} if isinstance(crop_size, int) else crop_size
         self.size = dict(size) if size is not None else {"shortest_edge": 336}
         self.resample = PIL_RESAMPLE_NAMES.get(resample, resample) if isinstance(resample, int) else resample
         if self.resample not in PIL_RESAMPLE_NAMES.values():

@@ -12,11 +12,13 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import modeling  # noqa: E402,F401  (registers the Auto classes)
 from conversion.fuyu import convert_fuyu  # noqa: E402
+from conversion.idefics import convert_idefics  # noqa: E402
 from conversion.llava import convert_llava  # noqa: E402
 from conversion.qwen2_vl import convert_qwen2_vl  # noqa: E402
 from conversion.tiny import (  # noqa: E402
     build_tiny_clip,
     build_tiny_fuyu,
+    build_tiny_idefics,
     build_tiny_llava_hf,
     build_tiny_llava_original,
     build_tiny_qwen2_vl,
@@ -107,6 +109,31 @@ def fuyu_pair(workdir):
         if variant not in cache:
             source = build_tiny_fuyu(workdir / f"fuyu-{variant}", **FUYU_VARIANTS[variant])
             cache[variant] = (source, convert_fuyu(source, workdir / f"fuyu-ours-{variant}"))
+        return cache[variant]
+
+    return get
+
+
+# IDEFICS: scalar gates with q/k norms (like idefics-9b); vector gates, no q/k norms, blocks every 3rd layer and
+# IDEFICS-instruct's <end_of_utterance>; and a resampler-less model whose blocks read the ViT tokens directly.
+IDEFICS_VARIANTS = {
+    "scalar-qk-norm": dict(),
+    "vector-instruct": dict(
+        alpha_type="vector", qk_layer_norms=False, cross_layer_interval=3, text_layers=6, num_latents=6,
+        end_of_utterance=True, seed=1,
+    ),
+    "no-resampler": dict(use_resampler=False, seed=2, image_size=24),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def idefics_pair(workdir):
+    cache = {}
+
+    def get(variant: str = "scalar-qk-norm") -> tuple[Path, Path]:
+        if variant not in cache:
+            source = build_tiny_idefics(workdir / f"idefics-{variant}", **IDEFICS_VARIANTS[variant])
+            cache[variant] = (source, convert_idefics(source, workdir / f"idefics-ours-{variant}"))
         return cache[variant]
 
     return get

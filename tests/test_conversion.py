@@ -245,3 +245,61 @@ def test_fuyu_qkv_split_follows_the_per_head_interleaving(fuyu_pair):
     mine = ours.model.language_model.layers[1].self_attn
     for theirs, projection in ((q, mine.q_proj), (k, mine.k_proj), (v, mine.v_proj)):
         assert torch.allclose(theirs, projection(hidden).view(1, 3, heads, head_dim), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IDEFICS conversion
+
+
+@pytest.mark.parametrize("variant", ["scalar-qk-norm", "vector-instruct", "no-resampler"])
+def test_idefics_export_round_trip_is_bit_exact(idefics_pair, tmp_path, variant):
+    from conversion.idefics import convert_idefics, export_idefics
+
+    source, converted = idefics_pair(variant)
+    exported = export_idefics(converted, tmp_path / "exported")
+    assert_same_tensors(all_tensors(exported), all_tensors(source))  # the vocabulary is split back exactly
+    again = convert_idefics(exported, tmp_path / "again")
+    assert_same_tensors(all_tensors(again), all_tensors(converted))
+
+
+def test_idefics_exported_folder_serves_with_transformers(idefics_pair, tmp_path):
+    from transformers import IdeficsForVisionText2Text, IdeficsProcessor
+
+    from conversion.idefics import export_idefics
+    from conversion.verify import idefics_reference_inputs
+
+    source, converted = idefics_pair("vector-instruct")
+    exported = export_idefics(converted, tmp_path / "exported")
+    rows, prompts = [[photo_like_image(50, 40, 1)]], ["User:<image>What is it?<end_of_utterance>\nAssistant:"]
+    inputs = idefics_reference_inputs(exported, rows, prompts)
+    assert torch.equal(inputs["input_ids"], idefics_reference_inputs(source, rows, prompts)["input_ids"])
+    assert isinstance(IdeficsProcessor.from_pretrained(exported), IdeficsProcessor)
+    with torch.no_grad():
+        a = IdeficsForVisionText2Text.from_pretrained(exported).eval()(**inputs).logits
+        b = IdeficsForVisionText2Text.from_pretrained(source).eval()(**inputs).logits
+    assert torch.equal(a, b)
+
+
+def test_idefics_decoupled_vocabulary_is_concatenated(idefics_pair):
+    from safetensors.torch import load_file
+
+    source, converted = idefics_pair()
+    hub = load_file(source / "model.safetensors")
+    ours = AutoModelForImageTextToText.from_pretrained(converted)
+    embed = torch.cat([hub["model.embed_tokens.weight"], hub["model.embed_tokens.additional_embedding.weight"]])
+    head = torch.cat([hub["lm_head.weight"], hub["lm_head.additional_fc.weight"]])
+    assert torch.equal(ours.get_input_embeddings().weight, embed)
+    assert torch.equal(ours.get_output_embeddings().weight, head)
+    assert ours.config.image_token_id == embed.shape[0] - 1  # <image> is IDEFICS's last added token
+
+
+def test_openflamingo_variant_cannot_export_to_idefics(tmp_path):
+    from conversion.idefics import export_idefics
+    from conversion.openflamingo import convert_openflamingo
+    from conversion.tiny import build_tiny_open_flamingo
+
+    checkpoint, clip, llama = build_tiny_open_flamingo(tmp_path / "of")
+    converted = convert_openflamingo(checkpoint, tmp_path / "ours", vision=clip, language=llama)
+    with pytest.raises(NotImplementedError, match="IDEFICS"):
+        export_idefics(converted, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()

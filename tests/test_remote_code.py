@@ -61,6 +61,7 @@ FAMILIES = {
     "llava": ("llava_pair", "LlavaPattern"),
     "qwen2_vl": ("qwen2_vl_pair", "Qwen2VLPattern"),
     "fuyu": ("fuyu_pair", "FuyuPattern"),
+    "flamingo": ("idefics_pair", "FlamingoPattern"),
 }
 
 
