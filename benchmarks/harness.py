@@ -175,11 +175,7 @@ def ours_sharing_weights(reference: torch.nn.Module, model_class, config, rules,
 
 
 def write_readme_section(readme: Path, key: str, content: str) -> None:
-    """Replace the text between `<!-- bench:KEY:start -->` and `<!-- bench:KEY:end -->` in the README."""
-    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
-    text = readme.read_text(encoding="utf-8")
-    if start not in text or end not in text:
-        raise ValueError(f"{readme} has no {start} ... {end} section to fill")
-    before, rest = text.split(start, 1)
-    _, after = rest.split(end, 1)
-    readme.write_text(f"{before}{start}\n{content}\n{end}{after}", encoding="utf-8")
+    """Replace the benchmark table `bench:KEY` in the README."""
+    from conversion.readme_sections import write_readme_section as write_section
+
+    write_section(readme, f"bench:{key}", content)

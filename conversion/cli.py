@@ -1,4 +1,4 @@
-"""The `vlm-patterns` command line: convert, export, verify, generate, tiny, demo."""
+"""The `vlm-patterns` command line: convert, export, verify, generate, tiny, demo, train, evaluate, compare."""
 
 import argparse
 import sys
@@ -143,6 +143,50 @@ def cmd_demo(args) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_train(args) -> int:
+    from training.train import options_from, train
+
+    log = train(options_from(args))
+    if log and log["held_out_curve"]:
+        print(
+            f"Trained in {log['seconds']:.0f} s; held-out accuracy {100 * log['held_out_curve'][-1]['accuracy']:.1f}%"
+        )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from training.evaluate import evaluate
+
+    result = evaluate(args.checkpoint, num_examples=args.examples, seed=args.seed, batch_size=args.batch_size)
+    print(result.markdown())
+    if args.json:
+        import dataclasses
+        import json
+
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from training.evaluate import compare
+
+    from .readme_sections import write_readme_section
+
+    table = compare(args.checkpoints, args.output, num_examples=args.examples, seed=args.seed)
+    print(table)
+    print(f"Wrote comparison.md, comparison.json and comparison.png to {args.output}")
+    if args.readme:
+        write_readme_section(args.readme, "compare", table)
+    return 0
+
+
+def cmd_space(args) -> int:
+    from .hub import assemble_space
+
+    print(f"Space folder written to {assemble_space(args.output)}")
+    return 0
+
+
 def add_openflamingo_sources(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vision", help="openflamingo: its CLIP tower in transformers' layout (e.g. openai/clip-vit-large-patch14)"
@@ -209,6 +253,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny)
+
+    from training.train import add_arguments
+
+    p = sub.add_parser("train", help="train a family on the synthetic visual QA task (from scratch, or --from)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="held-out accuracy per question kind, visual tokens, latency")
+    p.add_argument("checkpoint")
+    p.add_argument("--examples", type=int, default=600)
+    p.add_argument("--seed", type=int, default=1, help="held-out draw (training never uses held-out seeds)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", help="also write the result as JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="evaluate several checkpoints: a markdown table and a PNG plot")
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--output", default="comparison")
+    p.add_argument("--examples", type=int, default=600)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--readme", help="also replace the table between <!-- compare:start/end --> in this file")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("space", help="write a self-contained Hugging Face Space folder (app, packages, checkpoints)")
+    p.add_argument("output")
+    p.set_defaults(func=cmd_space)
 
     p = sub.add_parser("demo", help="build, convert, verify and run a tiny LLaVA, offline")
     p.add_argument("--workdir", default="vlm-patterns-demo")

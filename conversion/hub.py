@@ -70,3 +70,23 @@ def push_folder(folder: str | Path, repo_id: str, family: str, source: str | Non
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {family} converted by vlm-patterns")
     return str(url)
+
+
+SPACE_PACKAGES = ("modeling", "processing", "conversion", "training")
+
+
+def assemble_space(output: str | Path) -> Path:
+    """A self-contained Hugging Face Space folder: spaces/ (app.py, README.md front matter, requirements.txt,
+    examples) plus the project's packages and the trained checkpoints beside it, ready for
+    `huggingface-cli upload you/vlm-patterns OUTPUT --repo-type space`."""
+    import shutil
+
+    project = Path(__file__).resolve().parents[1]
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} exists and is not empty")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(project / "spaces", output, ignore=ignore, dirs_exist_ok=True)
+    for package in SPACE_PACKAGES:
+        shutil.copytree(project / package, output / package, ignore=ignore)
+    return output

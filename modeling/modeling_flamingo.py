@@ -1,14 +1,9 @@
-"""Flamingo: the cross-attention pattern. Images never enter the token stream: a Perceiver Resampler turns
-each image into a fixed set of visual tokens, and gated cross-attention blocks, inserted before chosen layers
-of a frozen language model, let every text token read the visual tokens of the most recent image before it.
-Paper: Alayrac et al., "Flamingo: a Visual Language Model for Few-Shot Learning" (2022).
-Loads `HuggingFaceM4/idefics-9b(-instruct)` and OpenFlamingo's `checkpoint.pt` (via conversion/).
-
-pixels (B, I, 3, 224, 224) -> ViT (B*I, 257, Dv) -> resampler (B, I, 64, Dv) -> per-block keys/values
-text tokens -> [gated cross-attention block] -> decoder layer -> ... -> LM head
-
-Axes: B batch, T text tokens, I images per row, N visual tokens per image, Dv vision width, D text width.
-"""
+"""Flamingo: images stay out of the token stream; a Perceiver Resampler makes each a fixed set of visual tokens
+that text tokens read through tanh-gated cross-attention blocks placed before chosen decoder layers, each token
+seeing only its most recent image. Alayrac et al., "Flamingo" (2022). Loads IDEFICS and OpenFlamingo.
+pixels (B, I, 3, 224, 224) -> ViT (B*I, 257, Dv) -> resampler (B, I, 64, Dv) -> keys/values per gated block;
+text -> [gated block] -> decoder layer -> ... -> LM head.   (perceiver_resampler.py, gated_cross_attention.py)
+Axes: B batch, T text tokens, I images per row, N visual tokens per image, Dv vision width, D text width."""
 
 from dataclasses import dataclass
 

@@ -1,0 +1,610 @@
+"""vlm-patterns Space: one image and one question, four architecture patterns answering side by side.
+
+python spaces/app.py                  # the four small checkpoints trained on the synthetic task (offline)
+python spaces/app.py --models hub     # LLaVA-1.5-7B, Qwen2-VL-2B, Fuyu-8B, IDEFICS-9B (converted on first use)
+python spaces/app.py --smoke-test     # one example through the four columns without a browser, then exit
+
+Read top to bottom: how each pattern sees an image (the pictures), the model sets, one streamed answer, four
+answers at once, the page.
+"""
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the project's packages, in a clone (an assembled Space has them here)
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import PIL.ImageDraw  # noqa: E402
+import torch  # noqa: E402
+from transformers import TextIteratorStreamer  # noqa: E402
+
+from processing import load_image  # noqa: E402
+from processing.image_processing_fuyu import fit_within  # noqa: E402
+from processing.image_processing_qwen2_vl import smart_resize  # noqa: E402
+
+try:  # ZeroGPU Spaces lend a GPU per call; elsewhere the decorator is a no-op
+    import spaces  # Hugging Face's package (a regular package wins over a `spaces/` folder on the path)
+
+    gpu = spaces.GPU
+except (ImportError, AttributeError):
+
+    def gpu(function):
+        return function
+
+
+FAMILIES = ("llava", "qwen2_vl", "fuyu", "flamingo")
+TITLES = {"llava": "LLaVA · projection", "qwen2_vl": "Qwen2-VL · native resolution", "fuyu": "Fuyu · early fusion",
+          "flamingo": "Flamingo · cross-attention"}  # fmt: skip
+# training/checkpoints sits beside spaces/ in a clone, and beside app.py in an assembled Space.
+CHECKPOINTS = next((p / "training" / "checkpoints" for p in (HERE.parent, HERE) if (p / "training").is_dir()),
+                   HERE.parent / "training" / "checkpoints")  # fmt: skip
+EMBEDDED = {family: CHECKPOINTS / family for family in FAMILIES}
+# Public checkpoints and the converter that makes each one ours.
+HUB = {
+    "llava": ("llava", "llava-hf/llava-1.5-7b-hf"),
+    "qwen2_vl": ("qwen2_vl", "Qwen/Qwen2-VL-2B-Instruct"),
+    "fuyu": ("fuyu", "adept/fuyu-8b"),
+    "flamingo": ("idefics", "HuggingFaceM4/idefics-9b-instruct"),
+}
+MAX_IMAGES = {"llava": 4, "qwen2_vl": 4, "fuyu": 1, "flamingo": 4}  # images one prompt may hold
+# Bundled examples: held-out images of the synthetic task with their questions (examples/examples.json).
+EXAMPLES = json.loads((HERE / "examples" / "examples.json").read_text()) if (HERE / "examples").is_dir() else []
+MAX_PROMPT_CHARACTERS = 1000
+
+
+# --------------------------------------------------------------------------------------------------------------
+# How each pattern sees an image, as a picture of what its model's first layer receives: LLaVA's fixed square and
+# its patch grid; Qwen2-VL's image at about its own size, 14-pixel patches and the 2 x 2 groups merged into one
+# token (thick lines); Fuyu's raw patches row by row, each row closed by a newline token (red); Flamingo's latents
+# and, per gated cross-attention layer, how open its gates are (tanh of the learned alpha).
+
+GRID = (70, 70, 70)
+MERGED = (255, 200, 0)
+NEWLINE = (230, 40, 40)
+DISPLAY = 320  # the longer side of a view, in screen pixels
+
+
+def _enlarge(image: PIL.Image.Image) -> tuple[PIL.Image.Image, float]:
+    scale = DISPLAY / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, PIL.Image.Resampling.NEAREST if scale > 1 else PIL.Image.Resampling.BILINEAR), scale
+
+
+def _grid(draw: PIL.ImageDraw.ImageDraw, width: float, height: float, step: float, colour, line: int = 1) -> None:
+    x = 0.0
+    while x <= width + 0.5:
+        draw.line([(x, 0), (x, height)], fill=colour, width=line)
+        x += step
+    y = 0.0
+    while y <= height + 0.5:
+        draw.line([(0, y), (width, y)], fill=colour, width=line)
+        y += step
+
+
+def _rgb(image) -> PIL.Image.Image:
+    return PIL.Image.fromarray(load_image(image))
+
+
+def llava_view(image, image_size: int, patch_size: int, pad_to_square: bool) -> tuple[PIL.Image.Image, int]:
+    """The fixed-size input with its patch grid; returns (picture, visual tokens)."""
+    rgb = _rgb(image)
+    if pad_to_square:
+        side = max(rgb.size)
+        mean = tuple(int(v) for v in np.asarray(rgb).reshape(-1, 3).mean(0))
+        square = PIL.Image.new("RGB", (side, side), mean)
+        square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
+        rgb = square
+    else:  # shortest edge to size, centre crop
+        scale = image_size / min(rgb.size)
+        rgb = rgb.resize((max(image_size, round(rgb.width * scale)), max(image_size, round(rgb.height * scale))))
+        left, top = (rgb.width - image_size) // 2, (rgb.height - image_size) // 2
+        rgb = rgb.crop((left, top, left + image_size, top + image_size))
+    view, scale = _enlarge(rgb.resize((image_size, image_size), PIL.Image.Resampling.BICUBIC))
+    _grid(PIL.ImageDraw.Draw(view), view.width, view.height, patch_size * scale, GRID)
+    return view, (image_size // patch_size) ** 2
+
+
+def qwen2_vl_view(image, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int):
+    """The image resized by smart_resize, its 14-pixel patches (thin) and merged tokens (thick); (picture, tokens)."""
+    rgb = _rgb(image)
+    factor = patch_size * merge_size
+    height, width = smart_resize(rgb.height, rgb.width, factor, min_pixels, max_pixels)
+    view, scale = _enlarge(rgb.resize((width, height), PIL.Image.Resampling.BICUBIC))
+    draw = PIL.ImageDraw.Draw(view)
+    _grid(draw, view.width, view.height, patch_size * scale, GRID)
+    _grid(draw, view.width, view.height, factor * scale, MERGED, line=2)
+    return view, (height // factor) * (width // factor)
+
+
+def fuyu_view(image, patch_size: int, canvas: dict[str, int]):
+    """The patches row by row, a newline marker after each row; (picture, visual tokens incl. newlines)."""
+    rgb = _rgb(image)
+    (height, width), _ = fit_within(rgb.height, rgb.width, canvas["height"], canvas["width"])
+    rows, cols = math.ceil(height / patch_size), math.ceil(width / patch_size)
+    padded = PIL.Image.new("RGB", (cols * patch_size, rows * patch_size), (0, 0, 0))
+    padded.paste(rgb.resize((width, height), PIL.Image.Resampling.BILINEAR), (0, 0))
+    marker = max(4, patch_size // 2)
+    strip = PIL.Image.new("RGB", (padded.width + marker + 2, padded.height), (255, 255, 255))
+    strip.paste(padded, (0, 0))
+    view, scale = _enlarge(strip)
+    draw = PIL.ImageDraw.Draw(view)
+    _grid(draw, padded.width * scale, padded.height * scale, patch_size * scale, GRID)
+    for row in range(rows):
+        top = row * patch_size * scale
+        left = (padded.width + 2) * scale
+        draw.rectangle([left, top + 2, left + marker * scale, top + patch_size * scale - 2], fill=NEWLINE)
+    return view, rows * cols + rows
+
+
+def flamingo_view(latents: np.ndarray, gates: list[tuple[int, float, float]]) -> PIL.Image.Image:
+    """Left: the visual tokens of the first image (latents x channels, as a heat map). Right: per gated layer,
+    tanh(alpha) of the attention branch (blue) and of the feed-forward branch (orange), from -1 to 1."""
+    count, width = latents.shape
+    values = (latents - latents.min()) / max(float(latents.max() - latents.min()), 1e-6)
+    heat = np.stack([values * 255, values * 120, (1 - values) * 255], -1).astype(np.uint8)  # (N, D, 3)
+    heat_image = PIL.Image.fromarray(heat).resize((200, max(count * 8, 64)), PIL.Image.Resampling.NEAREST)
+    bar_height, gap = 18, 10
+    chart = PIL.Image.new("RGB", (220, max(heat_image.height, len(gates) * (2 * bar_height + gap) + 20)), "white")
+    draw = PIL.ImageDraw.Draw(chart)
+    middle = 110
+    draw.line([(middle, 0), (middle, chart.height)], fill=(120, 120, 120))
+    for i, (layer, attention, dense) in enumerate(gates):
+        top = 10 + i * (2 * bar_height + gap)
+        for j, (value, colour) in enumerate(((attention, (50, 90, 220)), (dense, (240, 150, 30)))):
+            y = top + j * bar_height
+            end = middle + value * 100
+            draw.rectangle([min(middle, end), y + 2, max(middle, end), y + bar_height - 2], fill=colour)
+        draw.text((4, top + bar_height // 2), f"L{layer}", fill=(0, 0, 0))
+    view = PIL.Image.new("RGB", (heat_image.width + chart.width + 10, max(heat_image.height, chart.height)), "white")
+    view.paste(heat_image, (0, 0))
+    view.paste(chart, (heat_image.width + 10, 0))
+    return view
+
+
+def pattern_view(family: str, models: "ModelSet", image, qwen_budget: int = 32):
+    """The picture of how this family's model sees `image` (None without an image or when it cannot be read)."""
+    if image is None:
+        return None
+    try:
+        model, processor = models.get(family)
+        ip = processor.image_processor
+        if family == "llava":
+            return llava_view(image, ip.crop_size["height"], processor.patch_size, ip.do_pad)[0]
+        if family == "qwen2_vl":
+            budget = qwen_budget * 28 * 28
+            return qwen2_vl_view(image, ip.patch_size, ip.merge_size, min(ip.min_pixels, budget), budget)[0]
+        if family == "fuyu":
+            return fuyu_view(image, ip.patch_size, ip.size)[0]
+        inputs = processor(images=[[image]], text=processor.image_token)
+        with torch.inference_mode():
+            latents = model.get_image_features(inputs["pixel_values"].to(model.device, model.dtype))[0, 0]
+            gates = [
+                (layer, torch.tanh(b.alpha_cross_attn).mean().item(), torch.tanh(b.alpha_dense).mean().item())
+                for layer, b in zip(model.config.cross_attn_layer_ids, model.model.gated_cross_attn_layers, strict=True)
+            ]
+        return flamingo_view(latents.float().cpu().numpy(), gates)
+    except Exception:
+        return None  # the column's answer reports what went wrong with this image
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model sets: `embedded`, the four small checkpoints trained on the synthetic task (training/checkpoints), offline;
+# `hub`, the public checkpoints converted by our converters on first use and cached, loaded one at a time
+# (`max_resident`) so that four large models are never in memory together on a small GPU.
+
+
+class ModelSet:
+    """Loads checkpoints on demand and keeps at most `max_resident` in memory (least recently used goes)."""
+
+    def __init__(self, name: str = "embedded", device: str | None = None, max_resident: int | None = None,
+                 cache_dir: str | Path | None = None):  # fmt: skip
+        if name not in ("embedded", "hub"):
+            raise ValueError(f"Unknown model set {name!r}: use 'embedded' or 'hub'")
+        self.name = name
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_resident = max_resident or (4 if name == "embedded" else 1)
+        self.cache_dir = Path(
+            cache_dir or os.environ.get("VLM_PATTERNS_CACHE", Path.home() / ".cache" / "vlm-patterns")
+        )
+        self.loaded: OrderedDict[str, tuple] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def path(self, family: str) -> Path:
+        if self.name == "embedded":
+            return EMBEDDED[family]
+        converter, repo = HUB[family]
+        target = self.cache_dir / repo.replace("/", "--")
+        if not (target / "config.json").exists():
+            from conversion.cli import CONVERTERS
+
+            CONVERTERS[converter](repo, target, dtype=torch.bfloat16 if self.device == "cuda" else None)
+        return target
+
+    def get(self, family: str):
+        """(model, processor) of a family, loading it (and evicting the least recently used) if needed."""
+        with self.lock:
+            if family in self.loaded:
+                self.loaded.move_to_end(family)
+                return self.loaded[family]
+            while len(self.loaded) >= self.max_resident:
+                self.loaded.popitem(last=False)
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            import modeling  # noqa: F401  (registers our families)
+
+            path = self.path(family)
+            dtype = "auto" if self.name == "hub" else torch.float32
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(self.device).eval()
+            self.loaded[family] = (model, AutoProcessor.from_pretrained(path))
+            return self.loaded[family]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One answer, streamed: the family's chat format over the conversation so far, generate() in a thread, tokens
+# counted and timed as they arrive. Errors end the stream with a message; they never raise.
+
+
+@dataclass
+class Settings:
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    qwen_max_visual_tokens: int = 32  # Qwen2-VL's per-image budget (merged tokens)
+
+
+@dataclass
+class Answer:
+    """One column's state while it streams: the text so far and the measurements."""
+
+    text: str = ""
+    error: str | None = None
+    done: bool = False
+    visual_tokens: list[int] = field(default_factory=list)
+    time_to_first_token: float | None = None
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        decode_time = self.seconds - (self.time_to_first_token or 0)
+        return (self.new_tokens - 1) / decode_time if self.new_tokens > 1 and decode_time > 0 else None
+
+    def stats(self) -> str:
+        if self.error:
+            return "failed"
+        parts = [f"visual tokens: {' + '.join(map(str, self.visual_tokens)) or 0}"]
+        if self.time_to_first_token is not None:
+            parts.append(f"first token {1e3 * self.time_to_first_token:.0f} ms")
+        if self.tokens_per_second:
+            parts.append(f"{self.tokens_per_second:.1f} tok/s")
+        parts.append(f"{self.new_tokens} tokens")
+        return " · ".join(parts)
+
+
+def conversation_messages(history: list[dict], family: str) -> list[dict]:
+    """Our chat history (user turns with `images` and `text`, assistant turns with `text`) as chat-template
+    messages; images beyond what the family takes are dropped (Fuyu reads one)."""
+    messages, seen = [], 0
+    for turn in history:
+        if turn["role"] == "assistant":
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["text"]}]})
+            continue
+        room = MAX_IMAGES[family] - seen
+        images = turn["images"][:room]
+        seen += len(images)
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": turn["text"]}]
+        messages.append({"role": "user", "content": content})
+    return messages
+
+
+def conversation_images(history: list[dict], family: str) -> list:
+    images = [image for turn in history if turn["role"] == "user" for image in turn["images"]]
+    return images[: MAX_IMAGES[family]]
+
+
+def build_inputs(model, processor, family: str, history: list[dict], settings: Settings) -> tuple[dict, list[int]]:
+    """Model inputs for the conversation so far, and how many visual tokens each image became."""
+    messages = conversation_messages(history, family)
+    images = conversation_images(history, family)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    options = {}
+    if family == "qwen2_vl" and images:
+        options["max_pixels"] = settings.qwen_max_visual_tokens * 28 * 28
+        options["min_pixels"] = min(processor.image_processor.min_pixels, options["max_pixels"])
+    if family == "fuyu":
+        inputs = dict(processor(images=images[0] if images else None, text=prompt))
+    else:
+        inputs = dict(processor(images=[images] if images else None, text=prompt, **options))
+    if not images:
+        return inputs, []
+    if family == "qwen2_vl":
+        tokens = [int(grid.prod()) // 4 for grid in inputs["image_grid_thw"]]
+    elif family == "fuyu":
+        rows, cols = inputs["image_patch_grid"][0].tolist()
+        tokens = [rows * cols + rows]  # patches and one newline per row
+    elif family == "llava":
+        tokens = [int((inputs["input_ids"] == model.config.image_token_id).sum()) // len(images)] * len(images)
+    else:
+        tokens = [model.config.num_visual_tokens] * len(images)
+    return inputs, tokens
+
+
+class CountingStreamer(TextIteratorStreamer):
+    """A text streamer that also counts generated tokens and notes when the first one came."""
+
+    def __init__(self, tokenizer, started: float, **kwargs):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
+        self.started, self.generated, self.first_token_at = started, 0, None
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt:
+            self.generated += value.numel()
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter() - self.started
+        super().put(value)
+
+
+def stream(model, processor, family: str, history: list[dict], settings: Settings) -> Iterator[Answer]:
+    """Generate an answer to the conversation, yielding the growing `Answer` as tokens arrive. Errors (a bad image,
+    a prompt too long for the model, ...) end the stream with `error` set; they never raise."""
+    answer = Answer()
+    started = time.perf_counter()
+    try:
+        inputs, answer.visual_tokens = build_inputs(model, processor, family, history, settings)
+        for key in ("image_patch_grid", "image_sizes", "image_scale_factors"):
+            inputs.pop(key, None)
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        limit = model.config.text_config.max_position_embeddings
+        if inputs["input_ids"].shape[1] + settings.max_new_tokens > limit:
+            raise ValueError(
+                f"The conversation is {inputs['input_ids'].shape[1]} tokens; with {settings.max_new_tokens} new ones "
+                f"it would pass this model's {limit}-token context. Start a new chat or shorten the prompt."
+            )
+        streamer = CountingStreamer(processor.tokenizer, started, timeout=300)
+        sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p) \
+            if settings.temperature > 0 else dict(do_sample=False)  # fmt: skip
+        errors = []
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    model.generate(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer, **sampling)
+            except Exception as e:  # reported in this column; ending the streamer stops the loop below
+                errors.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        for piece in streamer:
+            answer.text += piece
+            answer.time_to_first_token, answer.new_tokens = streamer.first_token_at, streamer.generated
+            answer.seconds = time.perf_counter() - started
+            yield answer
+        worker.join()
+        if errors:
+            raise errors[0]
+        answer.time_to_first_token, answer.new_tokens = streamer.first_token_at, streamer.generated
+    except Exception as e:
+        answer.error = f"{type(e).__name__}: {e}"
+    answer.seconds = time.perf_counter() - started
+    answer.done = True
+    yield answer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Four answers at once: one thread per column (one at a time for the hub set), events merged as they come.
+
+
+def chat_display(history: list[dict], answer: Answer | None = None) -> list[dict]:
+    """Gradio messages for one column: the images and text of each user turn, then the answers."""
+    messages = []
+    for turn in history:
+        if turn["role"] == "user":
+            messages += [{"role": "user", "content": {"path": path}} for path in turn["paths"]]
+            messages.append({"role": "user", "content": turn["text"]})
+        else:
+            messages.append({"role": "assistant", "content": turn["text"]})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": f"⚠️ {answer.error}" if answer.error else answer.text or "…"})
+    return messages
+
+
+def answer_all(message: dict, histories: dict, models: ModelSet, settings: Settings):
+    """Send one user turn to the four families at once; yields (displays, stats, views, histories) as the four
+    answers stream in. A column that fails shows its error; the others carry on."""
+    text = (message or {}).get("text", "").strip()
+    paths = list((message or {}).get("files", []))
+    if not text:
+        notice = "Type a question (and add an image) first."
+        yield ({f: chat_display(histories[f]) for f in FAMILIES}, dict.fromkeys(FAMILIES, notice),
+               None, histories)  # fmt: skip
+        return
+    if len(text) > MAX_PROMPT_CHARACTERS:
+        notice = f"The prompt is {len(text)} characters; keep it under {MAX_PROMPT_CHARACTERS}."
+        yield ({f: chat_display(histories[f]) for f in FAMILIES}, dict.fromkeys(FAMILIES, notice),
+               None, histories)  # fmt: skip
+        return
+    turn = {"role": "user", "text": text, "images": paths, "paths": paths}
+    histories = {f: histories[f] + [turn] for f in FAMILIES}
+    first_image = paths[0] if paths else None
+    views = {f: pattern_view(f, models, first_image, settings.qwen_max_visual_tokens) for f in FAMILIES}
+    answers = {f: Answer() for f in FAMILIES}
+    events: queue.Queue = queue.Queue()
+
+    def run(family: str):
+        try:
+            model, processor = models.get(family)
+            for answer in stream(model, processor, family, histories[family], settings):
+                events.put((family, dataclasses.replace(answer)))  # a snapshot: the stream keeps mutating its own
+        except Exception as e:  # loading failed: this column only
+            events.put((family, Answer(error=f"{type(e).__name__}: {e}", done=True)))
+
+    concurrent = models.max_resident >= len(FAMILIES)
+    pending = list(FAMILIES)
+    workers = []
+
+    def start_next():
+        family = pending.pop(0)
+        worker = threading.Thread(target=run, args=(family,), daemon=True)
+        worker.start()
+        workers.append(worker)
+
+    for _ in range(len(pending) if concurrent else 1):
+        start_next()
+    finished = 0
+    while finished < len(FAMILIES):
+        family, answer = events.get()
+        answers[family] = answer
+        if answer.done:
+            finished += 1
+            if pending:
+                start_next()
+        yield (
+            {f: chat_display(histories[f], answers[f]) for f in FAMILIES},
+            {f: answers[f].stats() for f in FAMILIES},
+            views,
+            histories,
+        )
+    for worker in workers:
+        worker.join()
+    for f in FAMILIES:
+        reply = f"⚠️ {answers[f].error}" if answers[f].error else answers[f].text
+        histories[f] = histories[f] + [{"role": "assistant", "text": reply}]
+    yield ({f: chat_display(histories[f]) for f in FAMILIES}, {f: answers[f].stats() for f in FAMILIES},
+           views, histories)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The page.
+
+
+def build_app(default_set: str = "embedded", device: str | None = None) -> gr.Blocks:
+    model_sets: dict[str, ModelSet] = {}  # created on first use: the hub set converts and downloads
+
+    def models_for(name: str) -> ModelSet:
+        if name not in model_sets:
+            model_sets[name] = ModelSet(name, device=device)
+        return model_sets[name]
+
+    with gr.Blocks(title="vlm-patterns: four ways to give a language model eyes") as demo:
+        gr.Markdown(
+            "# vlm-patterns\nOne image, one question, four architecture patterns. **LLaVA** projects a fixed-size "
+            "ViT's patches into the LM; **Qwen2-VL** does so at the image's own resolution; **Fuyu** feeds raw "
+            "patches straight in (no vision encoder); **Flamingo** keeps images out of the text and reads a fixed "
+            "set of latents through gated cross-attention. The *embedded* models are small ones trained on "
+            "synthetic shapes, colours, counts, positions and words: ask about those; *hub* loads the public models."
+        )
+        histories = gr.State({f: [] for f in FAMILIES})
+        chats, stats, views = {}, {}, {}
+        with gr.Row(equal_height=False):
+            for family in FAMILIES:
+                with gr.Column(min_width=240):
+                    gr.Markdown(f"### {TITLES[family]}")
+                    views[family] = gr.Image(label="how it sees the image", type="pil", height=200, interactive=False,
+                                             elem_id=f"view-{family}")  # fmt: skip
+                    chats[family] = gr.Chatbot(label=family, height=300, elem_id=f"chat-{family}")
+                    stats[family] = gr.Markdown("", elem_id=f"stats-{family}")
+        with gr.Row(equal_height=False):
+            camera = gr.Image(label="image: upload, webcam or paste", sources=["upload", "webcam", "clipboard"],
+                              type="filepath", height=160, scale=1, elem_id="image")  # fmt: skip
+            prompt = gr.MultimodalTextbox(
+                placeholder="Ask about the image (more images can be attached here: Qwen2-VL and Flamingo read them all)",
+                file_types=["image"], file_count="multiple", sources=["upload"], elem_id="prompt", scale=3, label="question",
+            )  # fmt: skip
+        with gr.Row():
+            with gr.Accordion("Models and generation settings", open=False):
+                model_set = gr.Dropdown(["embedded", "hub"], value=default_set, label="model set")
+                max_new_tokens = gr.Slider(1, 256, value=16, step=1, label="max new tokens")
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p")
+                budget = gr.Slider(4, 1280, value=32, step=4, label="Qwen2-VL visual tokens per image (pixel budget)")
+            clear = gr.Button("New chat")
+        if EXAMPLES:
+            gr.Examples(
+                examples=[{"text": e["question"], "files": [str(HERE / "examples" / f) for f in e["files"]]}
+                          for e in EXAMPLES],
+                inputs=prompt, label="Examples (held-out images of the synthetic task)",
+            )  # fmt: skip
+
+        outputs = [*chats.values(), *stats.values(), *views.values(), histories]
+
+        @gpu
+        def respond(message, image, set_name, state, max_new, temp, nucleus, qwen_budget):
+            message = dict(message or {"text": "", "files": []})
+            message["files"] = ([image] if image else []) + list(message.get("files", []))
+            settings = Settings(int(max_new), float(temp), float(nucleus), int(qwen_budget))
+            for displays, texts, pictures, histories_now in answer_all(message, state, models_for(set_name), settings):
+                pictures = pictures or {}
+                yield (*(displays[f] for f in FAMILIES), *(texts[f] for f in FAMILIES),
+                       *(pictures.get(f, gr.skip()) for f in FAMILIES), histories_now)  # fmt: skip
+
+        inputs = [prompt, camera, model_set, histories, max_new_tokens, temperature, top_p, budget]
+        prompt.submit(respond, inputs, outputs, api_name="respond").then(
+            lambda: (None, None), None, [prompt, camera], api_name=False
+        )
+        clear.click(
+            lambda: (*([[]] * 4), *([""] * 4), *([None] * 4), {f: [] for f in FAMILIES}),
+            None, outputs, api_name=False,
+        )  # fmt: skip
+    return demo
+
+
+def smoke_test(models: ModelSet) -> int:
+    """One example through the four columns, no browser: prints each answer and its measurements."""
+    example = EXAMPLES[0]
+    message = {"text": example["question"], "files": [str(HERE / "examples" / f) for f in example["files"]]}
+    *_, last = answer_all(message, {f: [] for f in FAMILIES}, models, Settings(max_new_tokens=8))
+    _, stats, _, histories = last
+    failed = 0
+    for family in FAMILIES:
+        reply = histories[family][-1]["text"]
+        failed += reply.startswith("⚠️")
+        print(f"{TITLES[family]:32s} {reply!r:24s} {stats[family]}")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--models", choices=["embedded", "hub"], default=os.environ.get("VLM_PATTERNS_MODELS", "embedded")
+    )
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="a public gradio.live link")
+    parser.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond this are refused")
+    parser.add_argument("--concurrency", type=int, default=2, help="requests answered at the same time")
+    parser.add_argument("--smoke-test", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke_test:
+        return smoke_test(ModelSet(args.models, device=args.device))
+    demo = build_app(args.models, args.device)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft(),
+                allowed_paths=[str(HERE / "examples"), tempfile.gettempdir()])  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

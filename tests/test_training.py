@@ -1,0 +1,136 @@
+"""The synthetic task, its tokenizer, the collator, the training recipe (freezing, LoRA, accelerate) and evaluation."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.collate import VQACollator, prompt_text
+from training.families import FAMILIES, SPECS, build_model, build_processor
+from training.synthetic_vqa import ANSWERS, KINDS, as_dataset, examples, make_example, vocabulary
+from training.train import CONNECTORS, TrainOptions, apply_freezing, train
+from training.vqa_tokenizer import build_vqa_tokenizer
+
+
+def test_examples_are_deterministic_and_cover_every_kind():
+    a, b = make_example(123), make_example(123)
+    assert (a.question, a.answer, a.kind) == (b.question, b.answer, b.kind)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images, strict=True))
+    batch = examples("train", 300)
+    assert {e.kind for e in batch} == set(KINDS)
+    for e in batch:
+        assert e.answer in ANSWERS[e.kind]
+        assert len(e.images) == (2 if e.kind == "compare" else 1)
+        assert all(64 <= side <= 160 for image in e.images for side in image.size)
+    assert {e.kind for e in examples("train", 100, multi_image=False)} <= set(KINDS) - {"compare"}
+
+
+def test_held_out_split_never_shares_a_training_example():
+    train_questions = {(e.question, e.answer, np.asarray(e.images[0]).tobytes()) for e in examples("train", 200)}
+    held_out = {(e.question, e.answer, np.asarray(e.images[0]).tobytes()) for e in examples("held_out", 200)}
+    assert not train_questions & held_out
+
+
+def test_datasets_view():
+    dataset = as_dataset("held_out", 12, seed=3)
+    assert dataset.num_rows == 12 and set(dataset.column_names) == {"images", "question", "answer", "kind"}
+    row = dataset[0]
+    expected = examples("held_out", 1, seed=3)[0]
+    assert row["question"] == expected.question and row["answer"] == expected.answer
+    assert np.array_equal(np.asarray(row["images"][0].convert("RGB")), np.asarray(expected.images[0]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_knows_every_word_of_the_family_prompts(family):
+    tokenizer = build_vqa_tokenizer(family)
+    processor = build_processor(family, tokenizer)
+    for word in vocabulary():
+        assert tokenizer.convert_tokens_to_ids(word) != tokenizer.unk_token_id, word
+    for example in examples("train", 40):
+        ids = tokenizer(prompt_text(processor, example.question, len(example.images)))["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_collator_labels_only_the_answer(family):
+    processor = build_processor(family)
+    batch = [vars(e) for e in examples("train", 6, multi_image=SPECS[family].multi_image)]
+    inputs = VQACollator(processor, family)(batch)
+    tokenizer = processor.tokenizer
+    for row, example in zip(range(len(batch)), batch, strict=True):
+        labelled = inputs["labels"][row][inputs["labels"][row] != -100].tolist()
+        assert labelled == tokenizer(" " + example["answer"], add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
+    model = build_model(family, processor.tokenizer)
+    loss = model(**inputs).loss
+    assert torch.isfinite(loss) and loss.item() > 1.0  # untrained: no better than guessing
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_freezing_strategies(family):
+    model = build_model(family, build_vqa_tokenizer(family))
+    total = sum(p.numel() for p in model.parameters())
+    assert apply_freezing(model, family, "none") == total
+    connector = apply_freezing(model, family, "connector")
+    assert 0 < connector < total
+    assert all(n.startswith(CONNECTORS[family]) for n, p in model.named_parameters() if p.requires_grad)
+    vision = apply_freezing(model, family, "vision")
+    assert (vision == total) == (family == "fuyu")  # Fuyu has no vision encoder to freeze
+    with pytest.raises(ValueError, match="--freeze"):
+        apply_freezing(model, family, "everything")
+
+
+def test_a_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
+    log = train(TrainOptions(family="llava", output=str(tmp_path / "llava"), steps=40, batch_size=16,
+                             eval_every=40, eval_examples=32))  # fmt: skip
+    losses = [p["loss"] for p in log["loss_curve"]]
+    assert losses[-1] < 0.6 * losses[0]
+    saved = json.loads((tmp_path / "llava" / "training_log.json").read_text())
+    assert saved["held_out_curve"][-1]["step"] == 40
+    from training.evaluate import evaluate
+
+    result = evaluate(tmp_path / "llava", num_examples=32, seed=5, latency_samples=2)
+    assert result.examples == 32 and result.visual_tokens_per_image == 64
+
+
+def test_lora_fine_tuning_of_a_converted_checkpoint(llava_pair, tmp_path):
+    """The recipe on a converted public-layout checkpoint: adapters on the LLM, the projector trained fully,
+    the vision tower untouched; the merged result is a normal checkpoint of ours."""
+    from transformers import AutoModelForImageTextToText
+
+    _, converted = llava_pair()
+    before = AutoModelForImageTextToText.from_pretrained(converted)
+    options = TrainOptions(family="llava", output=str(tmp_path / "lora"), steps=4, batch_size=4, init_from=str(converted),
+                           lora=True, lora_rank=4, freeze="connector", eval_every=4, eval_examples=4, warmup_steps=0)  # fmt: skip
+    log = train(options)
+    assert log["trainable_parameters"] < 0.5 * log["parameters"]
+    after = AutoModelForImageTextToText.from_pretrained(tmp_path / "lora")
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
+    old, new = before.state_dict(), after.state_dict()
+    assert old.keys() == new.keys()
+    assert torch.equal(
+        old["model.vision_tower.encoder.layers.0.mlp.fc1.weight"],
+        new["model.vision_tower.encoder.layers.0.mlp.fc1.weight"],
+    )
+    assert not torch.equal(
+        old["model.multi_modal_projector.linear_1.weight"], new["model.multi_modal_projector.linear_1.weight"]
+    )
+    assert not torch.equal(old["model.language_model.layers.0.self_attn.q_proj.weight"],
+                           new["model.language_model.layers.0.self_attn.q_proj.weight"])  # LoRA merged in  # fmt: skip
+    assert torch.equal(old["model.language_model.embed_tokens.weight"], new["model.language_model.embed_tokens.weight"])
+
+
+def test_accelerate_launch_runs_the_recipe(tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "training.train", "fuyu",
+               "--output", str(tmp_path / "fuyu"), "--steps", "3", "--batch-size", "4", "--eval-every", "3",
+               "--eval-examples", "4"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "fuyu" / "model.safetensors").exists()
+    assert "held-out accuracy" in result.stdout

@@ -1,0 +1,1 @@
+"""Synthetic visual QA, the training recipe, evaluation and the small shipped checkpoints."""

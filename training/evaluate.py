@@ -1,0 +1,188 @@
+"""Held-out accuracy per question kind, visual tokens per image and latency, for any checkpoint of ours; and the
+four-family comparison (markdown table and PNG plots).
+
+An answer is right when the first word the model generates is the expected word.
+"""
+
+import json
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .collate import VQACollator
+from .synthetic_vqa import KINDS, examples, kinds_for
+
+FAMILY_OF_MODEL_TYPE = {"llava_pattern": "llava", "qwen2_vl_pattern": "qwen2_vl", "fuyu_pattern": "fuyu",
+                        "flamingo_pattern": "flamingo"}  # fmt: skip
+
+
+@dataclass
+class Evaluation:
+    family: str
+    examples: int
+    seed: int
+    accuracy: float
+    accuracy_by_kind: dict[str, float]
+    chance_by_kind: dict[str, float]
+    visual_tokens_per_image: float
+    latency_ms: float
+    parameters: int
+    errors: list[dict] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        kinds = [k for k in KINDS if k in self.accuracy_by_kind]
+        head = "| kind | " + " | ".join(kinds) + " | all |\n|---|" + "---|" * (len(kinds) + 1) + "\n"
+        acc = "| accuracy | " + " | ".join(f"{100 * self.accuracy_by_kind[k]:.1f}%" for k in kinds)
+        chance = "| chance | " + " | ".join(f"{100 * self.chance_by_kind[k]:.0f}%" for k in kinds)
+        return (
+            f"{self.family}: {self.examples} held-out questions (seed {self.seed}), "
+            f"{self.visual_tokens_per_image:.1f} visual tokens per image, {self.latency_ms:.1f} ms per answer, "
+            f"{self.parameters / 1e6:.2f}M parameters\n\n"
+            + head
+            + acc
+            + f" | {100 * self.accuracy:.1f}% |\n"
+            + chance
+            + " | |"
+        )
+
+
+def load_checkpoint(path: str | Path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import modeling  # noqa: F401  (registers our families with the Auto classes)
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor, FAMILY_OF_MODEL_TYPE[model.config.model_type]
+
+
+def first_word(text: str) -> str:
+    words = text.replace("?", " ").replace(".", " ").replace(",", " ").split()
+    return words[0].lower() if words else ""
+
+
+@torch.inference_mode()
+def answer(model, processor, family: str, batch: list[dict], max_new_tokens: int = 3) -> list[str]:
+    """Greedy answers (their first word) to a batch of examples."""
+    inputs = VQACollator(processor, family, with_answers=False)(batch)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return [first_word(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def visual_tokens(model, processor, family: str, batch: list[dict]) -> list[int]:
+    """How many visual tokens each image of the batch became."""
+    if family == "flamingo":
+        return [model.config.num_visual_tokens for e in batch for _ in e["images"]]
+    inputs = VQACollator(processor, family, with_answers=False)(batch)
+    token = {"llava": model.config.image_token_id, "qwen2_vl": model.config.image_token_id,
+             "fuyu": model.config.image_token_id}[family]  # fmt: skip
+    counts = []
+    for row, example in zip(inputs["input_ids"], batch, strict=True):
+        placeholders = int((row == token).sum())
+        counts += [placeholders / len(example["images"])] * len(example["images"])
+    return counts
+
+
+def evaluate(
+    checkpoint: str | Path, num_examples: int = 600, seed: int = 1, batch_size: int = 32, latency_samples: int = 20
+) -> Evaluation:
+    """Accuracy on `num_examples` held-out questions drawn with `seed` (the tests and README use others than
+    training does: the held-out split never shares a seed with the training stream)."""
+    model, processor, family = load_checkpoint(checkpoint)
+    from .families import SPECS
+
+    data = [vars(e) for e in examples("held_out", num_examples, seed, SPECS[family].multi_image)]
+    right, total = defaultdict(int), defaultdict(int)
+    errors, tokens = [], []
+    for start in range(0, len(data), batch_size):
+        batch = data[start : start + batch_size]
+        for example, predicted in zip(batch, answer(model, processor, family, batch), strict=True):
+            total[example["kind"]] += 1
+            right[example["kind"]] += predicted == example["answer"]
+            if predicted != example["answer"] and len(errors) < 20:
+                errors.append(dict(question=example["question"], answer=example["answer"], predicted=predicted))
+        tokens += visual_tokens(model, processor, family, batch)
+    timings = []
+    for example in data[:latency_samples]:
+        started = time.perf_counter()
+        answer(model, processor, family, [example])
+        timings.append(time.perf_counter() - started)
+    from .synthetic_vqa import ANSWERS
+
+    kinds = [k for k in kinds_for(SPECS[family].multi_image) if total[k]]
+    return Evaluation(
+        family=family,
+        examples=len(data),
+        seed=seed,
+        accuracy=sum(right.values()) / len(data),
+        accuracy_by_kind={k: right[k] / total[k] for k in kinds},
+        chance_by_kind={k: 1 / len(ANSWERS[k]) for k in kinds},
+        visual_tokens_per_image=statistics.mean(tokens),
+        latency_ms=1e3 * statistics.median(timings),
+        parameters=sum(p.numel() for p in model.parameters()),
+        errors=errors,
+    )
+
+
+def compare(checkpoints: list[str | Path], output: str | Path, num_examples: int = 600, seed: int = 1) -> str:
+    """Evaluate several checkpoints; write comparison.md, comparison.json and comparison.png (accuracy vs
+    training examples, from each checkpoint's training_log.json, and vs visual tokens per image) into `output`."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    results = [evaluate(path, num_examples, seed) for path in checkpoints]
+    curves = {}
+    for path, result in zip(checkpoints, results, strict=True):
+        log = Path(path) / "training_log.json"
+        if log.exists():
+            curves[result.family] = json.loads(log.read_text())["held_out_curve"]
+    kinds = [k for k in KINDS if any(k in r.accuracy_by_kind for r in results)]
+    lines = [
+        f"Held-out accuracy, {num_examples} questions per family (seed {seed}); chance in brackets.",
+        "",
+        "| family | visual tokens / image | " + " | ".join(kinds) + " | all | ms / answer | parameters |",
+        "|---|---|" + "---|" * (len(kinds) + 3),
+    ]
+    for r in results:
+        cells = [
+            f"{100 * r.accuracy_by_kind[k]:.0f}% ({100 * r.chance_by_kind[k]:.0f}%)" if k in r.accuracy_by_kind else "-"
+            for k in kinds
+        ]
+        lines.append(
+            f"| {r.family} | {r.visual_tokens_per_image:.1f} | " + " | ".join(cells)
+            + f" | {100 * r.accuracy:.1f}% | {r.latency_ms:.1f} | {r.parameters / 1e6:.2f}M |"
+        )  # fmt: skip
+    table = "\n".join(lines)
+    (output / "comparison.md").write_text(table + "\n")
+    (output / "comparison.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    plot(results, curves, output / "comparison.png")
+    return table
+
+
+def plot(results: list[Evaluation], curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for family, curve in curves.items():
+        left.plot([p["examples"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", label=family)
+    left.set(xlabel="training examples seen", ylabel="held-out accuracy (%)", title="Learning curves")
+    left.grid(alpha=0.3)
+    if curves:
+        left.legend()
+    for r in results:
+        right.scatter(r.visual_tokens_per_image, 100 * r.accuracy, s=80)
+        right.annotate(r.family, (r.visual_tokens_per_image, 100 * r.accuracy), textcoords="offset points",
+                       xytext=(6, 4))  # fmt: skip
+    right.set(xlabel="visual tokens per image", ylabel="held-out accuracy (%)", title="Accuracy vs visual tokens")
+    right.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

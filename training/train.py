@@ -1,0 +1,289 @@
+"""The training recipe: any family on the synthetic task, from scratch or from a checkpoint, on transformers'
+`Trainer` (so `accelerate launch -m training.train ...` spreads it over GPUs or nodes unchanged).
+
+Freezing strategies, as the chapter discusses them:
+- `none`: train everything (from scratch there is nothing worth keeping);
+- `vision`: keep the vision encoder fixed (Fuyu has none: nothing is frozen);
+- `connector`: train only what joins vision to language (LLaVA's projector, Qwen2-VL's PatchMerger, Fuyu's patch
+  Linear, Flamingo's resampler and gated cross-attention blocks).
+`lora` adds low-rank adapters (peft) to the language model's projections and trains them with the connector;
+they are merged into the saved checkpoint, and also saved on their own under `adapter/`.
+"""
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset
+
+from .collate import VQACollator
+from .synthetic_vqa import examples, kinds_for, make_example, training_seed
+
+# Parameters of each family's connector (trained with every strategy) and vision encoder.
+CONNECTORS = {
+    "llava": ("model.multi_modal_projector.",),
+    "qwen2_vl": ("model.visual.merger.",),
+    "fuyu": ("model.vision_embed_tokens.",),
+    "flamingo": ("model.perceiver_resampler.", "model.gated_cross_attn_layers."),
+}
+VISION_ENCODERS = {
+    "llava": ("model.vision_tower.",),
+    "qwen2_vl": ("model.visual.patch_embed.", "model.visual.blocks."),
+    "fuyu": (),
+    "flamingo": ("model.vision_model.",),
+}
+LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+@dataclass
+class TrainOptions:
+    family: str
+    output: str
+    steps: int = 6000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    freeze: str = "none"
+    init_from: str | None = None
+    lora: bool = False
+    lora_rank: int = 16
+    gate_init: float = 0.5
+    without_code: bool = False
+    seed: int = 0
+    eval_every: int = 500
+    eval_examples: int = 192
+    report_to: str = "none"
+
+
+class SyntheticStream(IterableDataset):
+    """An endless stream of training examples (dicts), each drawn from its own seed."""
+
+    def __init__(self, seed: int, multi_image: bool):
+        self.seed, self.kinds = seed, kinds_for(multi_image)
+
+    def __iter__(self):
+        index = 0
+        while True:
+            yield vars(make_example(training_seed(index, self.seed), self.kinds))
+            index += 1
+
+
+def apply_freezing(model, family: str, strategy: str) -> int:
+    """Set requires_grad by strategy; returns the number of trainable parameters."""
+    if strategy not in ("none", "vision", "connector"):
+        raise ValueError(f"--freeze must be none, vision or connector, not {strategy!r}")
+    for name, parameter in model.named_parameters():
+        if strategy == "vision":
+            parameter.requires_grad_(not name.startswith(VISION_ENCODERS[family]))
+        elif strategy == "connector":
+            parameter.requires_grad_(name.startswith(CONNECTORS[family]))
+        else:
+            parameter.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def add_lora(model, family: str, rank: int):
+    """Low-rank adapters on the language model's projections; the connector trains fully beside them."""
+    from peft import LoraConfig, get_peft_model
+
+    connector = [name.removeprefix("model.").rstrip(".") for name in CONNECTORS[family]]
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                        modules_to_save=connector)  # fmt: skip
+    return get_peft_model(model, config)
+
+
+class HeldOutCurve:
+    """Held-out accuracy every `every` steps: the learning curve `vlm-patterns compare` plots."""
+
+    def __init__(self, processor, family: str, batch_size: int, every: int, num_examples: int, multi_image: bool):
+        from transformers import TrainerCallback
+
+        self.points, outer = [], self
+        self.data = [vars(e) for e in examples("held_out", num_examples, seed=0, multi_image=multi_image)]
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % every == 0 or state.global_step == state.max_steps:
+                    outer.measure(model, processor, family, state.global_step, batch_size)
+
+        self.callback = Callback()
+
+    def measure(self, model, processor, family: str, step: int, batch_size: int) -> float:
+        from .evaluate import answer
+
+        was_training = model.training
+        model.eval()
+        right = 0
+        for start in range(0, len(self.data), 64):
+            batch = self.data[start : start + 64]
+            right += sum(p == e["answer"] for p, e in zip(answer(model, processor, family, batch), batch, strict=True))
+        model.train(was_training)
+        accuracy = right / len(self.data)
+        self.points.append(dict(step=step, examples=step * batch_size, accuracy=accuracy))
+        print(f"step {step}: held-out accuracy {100 * accuracy:.1f}% ({len(self.data)} questions)", flush=True)
+        return accuracy
+
+
+def build_model_and_processor(options: TrainOptions):
+    from .families import build_model, build_processor
+    from .vqa_tokenizer import build_vqa_tokenizer
+
+    if options.init_from:
+        from .evaluate import load_checkpoint
+
+        model, processor, family = load_checkpoint(options.init_from)
+        if family != options.family:
+            raise ValueError(f"{options.init_from} is a {family} checkpoint, not {options.family}")
+        return model, processor
+    tokenizer = build_vqa_tokenizer(options.family)
+    model = build_model(options.family, tokenizer, options.seed)
+    if options.family == "flamingo":
+        # Flamingo closes its gates (alpha = 0) to keep a pretrained language model intact at the start. From
+        # scratch there is nothing to keep, and closed gates stall learning: the cross-attention gets no gradient
+        # while tanh(alpha) is 0, and alpha none that points anywhere while the cross-attention is random.
+        with torch.no_grad():
+            for block in model.model.gated_cross_attn_layers:
+                block.alpha_cross_attn.fill_(options.gate_init)
+                block.alpha_dense.fill_(options.gate_init)
+    return model, build_processor(options.family, tokenizer)
+
+
+def train(options: TrainOptions) -> dict:
+    """Train, save the checkpoint (model, processor, tokenizer, training_log.json) to `options.output`."""
+    from transformers import Trainer, TrainingArguments
+
+    from .families import SPECS
+
+    if options.family not in SPECS:
+        raise ValueError(f"Unknown family {options.family!r}; choose from {', '.join(SPECS)}")
+    torch.manual_seed(options.seed)
+    model, processor = build_model_and_processor(options)
+    multi_image = SPECS[options.family].multi_image
+    trainable = apply_freezing(model, options.family, options.freeze)
+    if options.lora:
+        model = add_lora(model, options.family, options.lora_rank)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{options.family}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train", flush=True)
+
+    output = Path(options.output)
+    curve = HeldOutCurve(processor, options.family, options.batch_size, options.eval_every, options.eval_examples,
+                         multi_image)  # fmt: skip
+    scratch = tempfile.mkdtemp(prefix="vlm-patterns-trainer-")  # the Trainer's own files; the checkpoint is ours
+    args = TrainingArguments(
+        output_dir=scratch,
+        max_steps=options.steps,
+        per_device_train_batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        warmup_steps=options.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=options.weight_decay,
+        logging_steps=max(1, min(50, options.steps // 20)),
+        save_strategy="no",
+        report_to=options.report_to,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=options.seed,
+        disable_tqdm=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=SyntheticStream(options.seed, multi_image),
+        data_collator=VQACollator(processor, options.family),
+        callbacks=[curve.callback],
+    )
+    started = time.time()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    seconds = time.time() - started
+    if not trainer.is_world_process_zero():
+        return {}
+    model = trainer.model
+    if options.lora:
+        model.save_pretrained(output / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    if options.without_code:
+        strip_code(output)
+    recorded = asdict(options)
+    for key in ("output", "init_from"):  # no machine paths in logs that get shipped
+        if recorded[key] and Path(recorded[key]).is_absolute():
+            recorded[key] = Path(recorded[key]).name
+    log = dict(
+        options=recorded,
+        seconds=round(seconds, 1),
+        trainable_parameters=trainable,
+        parameters=total,
+        held_out_curve=curve.points,
+        loss_curve=[dict(step=e["step"], loss=e["loss"]) for e in trainer.state.log_history if "loss" in e],
+    )
+    (output / "training_log.json").write_text(json.dumps(log, indent=2))
+    return log
+
+
+def strip_code(folder: Path) -> None:
+    """Drop the model and processor code copied for `trust_remote_code` (and the `auto_map` pointing at it): a
+    checkpoint shipped inside this repository loads with the repository's own code, which never goes stale."""
+    for path in folder.glob("*.py"):
+        path.unlink()
+    for name in ("config.json", "processor_config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            if data.pop("auto_map", None) is not None:
+                path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainOptions(family="", output="")
+    parser.add_argument("family", choices=["llava", "qwen2_vl", "fuyu", "flamingo"])
+    parser.add_argument("--output", required=True, help="checkpoint folder to write")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--freeze", choices=["none", "vision", "connector"], default=defaults.freeze,
+                        help="none: train all; vision: keep the vision encoder fixed; connector: train only it")  # fmt: skip
+    parser.add_argument("--from", dest="init_from", help="start from this checkpoint of ours (fine-tuning)")
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters on the language model (peft)")
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    parser.add_argument("--gate-init", type=float, default=defaults.gate_init,
+                        help="flamingo from scratch: the gates' starting alpha (0 keeps them closed)")  # fmt: skip
+    parser.add_argument("--without-code", action="store_true",
+                        help="no code files for trust_remote_code (checkpoints kept inside this repository)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between held-out checks")
+    parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples)
+    parser.add_argument("--report-to", default=defaults.report_to, help="Trainer loggers: none, tensorboard, ...")
+
+
+def options_from(args: argparse.Namespace) -> TrainOptions:
+    return TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(parser)
+    log = train(options_from(parser.parse_args(argv)))
+    if log:
+        final = log["held_out_curve"][-1]["accuracy"] if log["held_out_curve"] else math.nan
+        print(f"trained in {log['seconds']:.0f} s; held-out accuracy {100 * final:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
