@@ -215,6 +215,17 @@ class FlamingoPatternModel(FlamingoPatternPreTrainedModel):
             image_hidden_states=image_hidden_states,
         )
 
+    def image_attention_from_tokens(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T, I) bool: which image each token sees by the rule, from the `<image>` tokens of whole sequences;
+        `<image>` tokens past a row's images are read as text."""
+        B, num_images = input_ids.shape[0], pixel_values.shape[1]
+        available = self.images_per_row(pixel_values, image_mask, num_images, B).to(input_ids.device)
+        state = ImageState.start(B, available, input_ids.device)
+        index, _ = track_images(input_ids, self.config.image_token_id, self.config.media_reset_token_id, state)
+        return image_attention(index, num_images)
+
     @staticmethod
     def images_per_row(pixel_values, image_mask, num_images: int, batch: int) -> torch.Tensor:
         if image_mask is not None:
@@ -315,11 +326,23 @@ class FlamingoPatternForConditionalGeneration(FlamingoPatternPreTrainedModel, Ge
             image_hidden_states=outputs.image_hidden_states,
         )
 
-    def prepare_inputs_for_generation(self, input_ids, image_attention_mask=None, cache=None, **kwargs):
-        """Only an explicit `image_attention_mask` needs care: generated tokens attend as the prompt's last token
-        did (as transformers' IDEFICS does). Without it, the cache's image cursor carries the rule along."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, cache=cache, **kwargs)
-        if image_attention_mask is not None:
+    def prepare_inputs_for_generation(
+        self, input_ids, image_attention_mask=None, cache=None, is_first_iteration=False, **kwargs
+    ):
+        """An explicit `image_attention_mask`: generated tokens attend as the prompt's last token did (as
+        transformers' IDEFICS does). Without it, the cache's image cursor carries the rule along; without a cache,
+        each step re-reads prompt and continuation, and an `<image>` the model generated has no image to show:
+        it is read as text, as the cached path reads it, rather than failing the prompt's token check."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
+        )
+        pixel_values, step_ids = model_inputs.get("pixel_values"), model_inputs.get("input_ids")
+        if image_attention_mask is None and cache is None and not is_first_iteration and pixel_values is not None:
+            if step_ids is not None:
+                model_inputs["image_attention_mask"] = self.model.image_attention_from_tokens(
+                    step_ids, pixel_values, model_inputs.get("image_mask")
+                )
+        elif image_attention_mask is not None:
             embeds = model_inputs.get("inputs_embeds")
             step = (embeds if embeds is not None else model_inputs["input_ids"]).shape[1]
             total = (cache.get_seq_length() if cache is not None else 0) + step

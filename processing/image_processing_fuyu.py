@@ -19,7 +19,9 @@ def fit_within(height: int, width: int, max_height: int, max_width: int) -> tupl
     if height <= max_height and width <= max_width:
         return (height, width), 1.0
     scale = min(max_height / height, max_width / width)
-    return (int(height * scale), int(width * scale)), scale
+    # A thin strip can round to 0 pixels across (transformers' Fuyu processors then fail inside the resize):
+    # keep at least one, so any aspect ratio still becomes a row or column of patches.
+    return (max(1, int(height * scale)), max(1, int(width * scale))), scale
 
 
 class FuyuPatternImageProcessor(BaseImageProcessor):

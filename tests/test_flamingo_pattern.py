@@ -190,6 +190,18 @@ def test_static_cache_generates_the_same_tokens():
     assert torch.equal(model.generate(**options, cache_implementation="static"), expected)
 
 
+def test_generated_image_tokens_read_as_text_with_and_without_cache():
+    """A model may generate `<image>` itself; that token has no image. Without a cache each step re-reads the
+    prompt and the continuation, which must not trip the prompt's token/image count check."""
+    model = tiny_model()
+    with torch.no_grad():  # make <image> the likeliest next token
+        model.lm_head.weight[IMAGE] += 5 * model.lm_head.weight.abs().max()
+    options = dict(input_ids=torch.tensor([[1, IMAGE, 5, 6]]), pixel_values=pixels(1, seed=8), max_new_tokens=6)
+    cached = model.generate(**options, do_sample=False)
+    assert (cached[0, 4:] == IMAGE).sum() >= 2
+    assert torch.equal(model.generate(**options, do_sample=False, use_cache=False), cached)
+
+
 def test_beam_search_and_several_sequences_follow_the_images():
     model = tiny_model()
     input_ids = torch.tensor([[1, IMAGE, 5, 6], [1, 7, IMAGE, 8]])

@@ -105,6 +105,16 @@ def test_early_fusion_has_no_vision_encoder(fuyu_pair):
     assert torch.equal(captured["x"][0, placeholders], expected)
 
 
+def test_a_thin_strip_larger_than_the_canvas_keeps_one_pixel_across(fuyu_pair):
+    """Scaled down to fit, a 4000 x 10 strip would round to 0 rows; it becomes one row of patches instead."""
+    _, _, ours, processor = load(fuyu_pair)
+    inputs = processor(images=PIL.Image.new("RGB", (4000, 10), "red"), text=PROMPT)
+    canvas_width = processor.image_processor.size["width"]
+    assert inputs["image_patch_grid"].tolist() == [[1, -(-canvas_width // 30)]]
+    with torch.no_grad():
+        assert torch.isfinite(ours(**inputs).logits).all()
+
+
 def test_stream_layout(fuyu_pair):
     _, _, _, processor = load(fuyu_pair)
     inputs = processor(images=photo_like_image(65, 35, 5), text=PROMPT)  # 2 rows x 3 columns of patches
