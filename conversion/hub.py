@@ -78,7 +78,7 @@ SPACE_PACKAGES = ("modeling", "processing", "conversion", "training")
 def assemble_space(output: str | Path) -> Path:
     """A self-contained Hugging Face Space folder: spaces/ (app.py, README.md front matter, requirements.txt,
     examples) plus the project's packages and the trained checkpoints beside it, ready for
-    `huggingface-cli upload you/vlm-patterns OUTPUT --repo-type space`."""
+    `hf upload you/vlm-patterns OUTPUT --repo-type space`."""
     import shutil
 
     project = Path(__file__).resolve().parents[1]

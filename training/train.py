@@ -250,23 +250,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainOptions(family="", output="")
     parser.add_argument("family", choices=["llava", "qwen2_vl", "fuyu", "flamingo"])
     parser.add_argument("--output", required=True, help="checkpoint folder to write")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="examples per step and device (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                        help="AdamW peak rate, cosine decay after warm-up (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="(default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default: %(default)s)")
     parser.add_argument("--freeze", choices=["none", "vision", "connector"], default=defaults.freeze,
                         help="none: train all; vision: keep the vision encoder fixed; connector: train only it")  # fmt: skip
     parser.add_argument("--from", dest="init_from", help="start from this checkpoint of ours (fine-tuning)")
     parser.add_argument("--lora", action="store_true", help="LoRA adapters on the language model (peft)")
-    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="with --lora (default: %(default)s)")
     parser.add_argument("--gate-init", type=float, default=defaults.gate_init,
-                        help="flamingo from scratch: the gates' starting alpha (0 keeps them closed)")  # fmt: skip
+                        help="flamingo from scratch: the gates' starting alpha; 0 keeps them closed (default: %(default)s)")  # fmt: skip
     parser.add_argument("--without-code", action="store_true",
                         help="no code files for trust_remote_code (checkpoints kept inside this repository)")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between held-out checks")
-    parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples)
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="weights and training stream (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=defaults.eval_every,
+        help="steps between held-out checks (default: %(default)s)",
+    )
+    parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
+                        help="held-out questions per check (default: %(default)s)")  # fmt: skip
     parser.add_argument("--report-to", default=defaults.report_to, help="Trainer loggers: none, tensorboard, ...")
 
 
