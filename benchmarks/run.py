@@ -25,13 +25,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("family", choices=sorted(FAMILIES))
-    parser.add_argument("--preset", default="cpu", help="model shapes; see PRESETS in benchmarks/<family>.py")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (the processor always uses these)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per generate call")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is kept)")
+    parser.add_argument("family", choices=sorted(FAMILIES), help="the pattern to benchmark against transformers")
+    parser.add_argument(
+        "--preset", default="cpu", help="model shapes; see PRESETS in benchmarks/<family>.py (default: %(default)s)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="(default: %(default)s)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="CPU threads (the processor always uses these) (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, default=64, help="decoded tokens per generate call (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per measurement, the median kept (default: %(default)s)"
+    )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--readme", type=Path, help="replace this family's table in the README")
     parser.add_argument("--processor-only", action="store_true", help="time the image processors only")

@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("family", choices=sorted(CONVERTERS))
     p.add_argument("source", help="the public checkpoint it was converted from (Hub id or folder)")
     p.add_argument("converted", help="the converted folder")
-    p.add_argument("--device", default="cpu", help="(default: %(default)s)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="where both models run: cpu, cuda, cuda:1 (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="precision of both models; float32 compares exactly (default: %(default)s)")  # fmt: skip
     p.add_argument("--vision-tower", help="original LLaVA layout: the CLIP tower (default: the config's)")
     add_openflamingo_sources(p)
     p.set_defaults(func=cmd_verify)
@@ -239,13 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint folder or Hub id")
     p.add_argument("--image", action="append", help="image file (repeat for several)")
     p.add_argument("--prompt", required=True, help="the question; the checkpoint's chat template wraps it")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     p.add_argument(
         "--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature (default: %(default)s)"
     )
-    p.add_argument("--device", default="cpu", help="(default: %(default)s)")
-    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 (default: %(default)s)")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                   help="weights' precision; auto keeps the checkpoint's (default: %(default)s)")  # fmt: skip
     p.add_argument("--raw-prompt", action="store_true", help="use the prompt as is, without the chat template")
     p.add_argument("--trust-remote-code", action="store_true", help="load the model code from the checkpoint")
     p.set_defaults(func=cmd_generate)
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny", help="write a tiny random checkpoint in a public layout (for tests and demos)")
     p.add_argument("family", choices=sorted(CONVERTERS))
     p.add_argument("output", help="folder to create")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.set_defaults(func=cmd_tiny)
 
     from training.train import add_arguments
@@ -264,18 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="held-out accuracy per question kind, visual tokens, latency")
     p.add_argument("checkpoint", help="a checkpoint folder trained on the synthetic task")
-    p.add_argument("--examples", type=int, default=600, help="held-out questions (default: %(default)s)")
+    p.add_argument("--examples", type=int, default=3000, help="held-out questions (default: %(default)s)")
     p.add_argument(
         "--seed", type=int, default=1, help="held-out draw; training never uses held-out seeds (default: %(default)s)"
     )
-    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="questions per forward pass (default: %(default)s)")
     p.add_argument("--json", help="also write the result as JSON here")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="evaluate several checkpoints: a markdown table and a PNG plot")
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders trained on the synthetic task")
     p.add_argument("--output", default="comparison", help="folder for the table and plot (default: %(default)s)")
-    p.add_argument("--examples", type=int, default=600, help="held-out questions each (default: %(default)s)")
+    p.add_argument("--examples", type=int, default=3000, help="held-out questions each (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="held-out draw (default: %(default)s)")
     p.add_argument("--readme", help="also replace the table between <!-- compare:start/end --> in this file")
     p.set_defaults(func=cmd_compare)
@@ -286,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build, convert, verify and run a tiny LLaVA, offline")
     p.add_argument("--workdir", default="vlm-patterns-demo", help="where to write (default: %(default)s)")
-    p.add_argument("--prompt", default="What is in the image?", help="(default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--prompt", default="What is in the image?", help="the question asked (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="most tokens to generate (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -587,15 +587,26 @@ def smoke_test(models: ModelSet) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--models", choices=["embedded", "hub"], default=os.environ.get("VLM_PATTERNS_MODELS", "embedded")
-    )
+        "--models", choices=["embedded", "hub"], default=os.environ.get("VLM_PATTERNS_MODELS", "embedded"),
+        help="embedded: the checkpoints trained in this repository, offline; hub: the public checkpoints, "
+        "converted on first use and cached "
+        "(default: %(default)s, or $VLM_PATTERNS_MODELS)",
+    )  # fmt: skip
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 for all (default: %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
     parser.add_argument("--share", action="store_true", help="a public gradio.live link")
-    parser.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond this are refused")
-    parser.add_argument("--concurrency", type=int, default=2, help="requests answered at the same time")
-    parser.add_argument("--smoke-test", action="store_true")
+    parser.add_argument(
+        "--queue-size", type=int, default=16, help="requests waiting beyond this are refused (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=2, help="requests answered at the same time (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--smoke-test", action="store_true", help="one example through the four columns without a browser, then exit"
+    )
     args = parser.parse_args(argv)
     if args.smoke_test:
         return smoke_test(ModelSet(args.models, device=args.device))

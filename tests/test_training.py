@@ -96,11 +96,28 @@ def test_a_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
 
     result = evaluate(tmp_path / "llava", num_examples=32, seed=5, latency_samples=2)
     assert result.examples == 32 and result.visual_tokens_per_image == 64
+    assert sum(result.questions_by_kind.values()) == 32 and set(result.questions_by_kind) == set(KINDS)
 
 
-SHORT_RUN_STEPS = 1500  # 3 to 5 minutes per family on 2 CPU cores
+def test_evaluation_margins_and_the_one_image_accuracy():
+    """The table's noise bound is two binomial standard errors; the one-image accuracy leaves the two-image kind out,
+    weighting each kind by its questions."""
+    from training.evaluate import Evaluation
+
+    result = Evaluation(family="llava", examples=400, seed=0, accuracy=0.5,
+                        accuracy_by_kind={"color": 0.9, "shape": 0.3, "compare": 0.4},
+                        chance_by_kind={"color": 0.25, "shape": 1 / 3, "compare": 0.5},
+                        visual_tokens_per_image=64, latency_ms=1.0, parameters=1,
+                        questions_by_kind={"color": 100, "shape": 200, "compare": 100})  # fmt: skip
+    assert result.margin() == pytest.approx(2 * (0.25 / 400) ** 0.5)
+    assert result.margin("shape") == pytest.approx(2 * (0.21 / 200) ** 0.5)
+    assert result.single_image_accuracy == pytest.approx((90 + 60) / 300)
 
 
+SHORT_RUN_STEPS = 1500
+
+
+@pytest.mark.timeout(1800)  # 3 to 6 minutes each on a quiet 2-core machine; a busy one may take twice that
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_short_run_from_scratch_answers_clearly_above_chance(family, tmp_path):
     """Every pattern learns the task from scratch with the default recipe in a short run: on held-out questions

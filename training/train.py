@@ -250,15 +250,17 @@ def strip_code(folder: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainOptions(family="", output="")
-    parser.add_argument("family", choices=["llava", "qwen2_vl", "fuyu", "flamingo"])
+    parser.add_argument("family", choices=["llava", "qwen2_vl", "fuyu", "flamingo"], help="the pattern to train")
     parser.add_argument("--output", required=True, help="checkpoint folder to write")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="examples per step and device (default: %(default)s)")  # fmt: skip
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
                         help="AdamW peak rate, cosine decay after warm-up (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="(default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                        help="steps of linear warm-up to the peak rate (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                        help="AdamW decoupled weight decay (default: %(default)s)")  # fmt: skip
     parser.add_argument("--freeze", choices=["none", "vision", "connector"], default=defaults.freeze,
                         help="none: train all; vision: keep the vision encoder fixed; connector: train only it")  # fmt: skip
     parser.add_argument("--from", dest="init_from", help="start from this checkpoint of ours (fine-tuning)")
