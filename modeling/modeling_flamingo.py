@@ -151,8 +151,9 @@ class FlamingoPatternModel(FlamingoPatternPreTrainedModel):
             image_hidden_states = self.get_image_features(pixel_values, image_mask)  # (B, I, N, Dv)
             visual_tokens = image_hidden_states.flatten(1, 2).to(inputs_embeds.dtype)  # (B, I * N, Dv)
             media = [block.cross_attn.media_keys_values(visual_tokens) for block in self.gated_cross_attn_layers]
-            for entry, (keys, values) in zip(entries or [], media, strict=False):
-                entry.store(keys, values)
+            if entries is not None:
+                for entry, (keys, values) in zip(entries, media, strict=True):
+                    entry.store(keys, values)
             num_images = pixel_values.shape[1]
         elif entries and entries[0].is_initialized:
             media = [(entry.keys, entry.values) for entry in entries]

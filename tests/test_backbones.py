@@ -38,11 +38,7 @@ def decoder_from_llama(seed: int = 0) -> tuple[TextDecoder, LlamaForCausalLM]:
         for p in llama.parameters():
             p.normal_(0, 0.2)
     ours = TextDecoder(config).eval()
-    ours.load_state_dict(
-        {k.removeprefix("model."): v for k, v in llama.state_dict().items() if k.startswith("model.")}, strict=False
-    )
-    missing = set(ours.state_dict()) - {k.removeprefix("model.") for k in llama.state_dict()}
-    assert missing == set()  # rotary inv_freq is a non-persistent buffer on both sides
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in llama.state_dict().items() if k.startswith("model.")})
     config._attn_implementation_internal = "sdpa"
     return ours, llama
 

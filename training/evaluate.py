@@ -38,12 +38,15 @@ class Evaluation:
     def margin(self, kind: str | None = None) -> float:
         """Two binomial standard errors of an accuracy (overall, or of one kind): another held-out draw of the
         same size lands within this about 95% of the time."""
-        p, n = (
-            (self.accuracy, self.examples)
-            if kind is None
-            else (self.accuracy_by_kind[kind], self.questions_by_kind[kind])
-        )
-        return 2 * math.sqrt(p * (1 - p) / n)
+        if kind is None:
+            return 2 * math.sqrt(self.accuracy * (1 - self.accuracy) / self.examples)
+        p = self.accuracy_by_kind[kind]
+        return 2 * math.sqrt(p * (1 - p) / self.questions_by_kind[kind])
+
+    @property
+    def chance(self) -> float:
+        """What uniform guessing scores, averaged over the question kinds."""
+        return sum(self.chance_by_kind.values()) / len(self.chance_by_kind)
 
     @property
     def single_image_accuracy(self) -> float:
@@ -58,12 +61,13 @@ class Evaluation:
         head = "| kind | " + " | ".join(kinds) + " | all |\n|---|" + "---|" * (len(kinds) + 1) + "\n"
         acc = "| accuracy | " + " | ".join(f"{100 * self.accuracy_by_kind[k]:.1f}%" for k in kinds)
         chance = "| chance | " + " | ".join(f"{100 * self.chance_by_kind[k]:.0f}%" for k in kinds)
-        return (
+        summary = (
             f"{self.family}: {self.examples} held-out questions (seed {self.seed}), "
             f"{self.visual_tokens_per_image:.1f} visual tokens per image, {self.latency_ms:.1f} ms per answer, "
             f"{self.parameters / 1e6:.2f}M parameters; overall accuracy ±{100 * self.margin():.1f} points "
-            "(two standard errors)\n\n"
-        ) + (head + acc + f" | {100 * self.accuracy:.1f}% |\n" + chance + " | |")  # fmt: skip
+            "(two standard errors)"
+        )
+        return f"{summary}\n\n{head}{acc} | {100 * self.accuracy:.1f}% |\n{chance} | |"
 
 
 def load_checkpoint(path: str | Path):
@@ -81,26 +85,32 @@ def first_word(text: str) -> str:
     return words[0].lower() if words else ""
 
 
-@torch.inference_mode()
 def answer(model, processor, family: str, batch: list[dict], max_new_tokens: int = 3) -> list[str]:
     """Greedy answers (their first word) to a batch of examples."""
-    inputs = VQACollator(processor, family, with_answers=False)(batch)
+    return answer_inputs(model, processor, collate_prompts(processor, family, batch), max_new_tokens)
+
+
+def collate_prompts(processor, family: str, batch: list[dict]) -> dict[str, torch.Tensor]:
+    return VQACollator(processor, family, with_answers=False)(batch)
+
+
+@torch.inference_mode()
+def answer_inputs(model, processor, inputs: dict[str, torch.Tensor], max_new_tokens: int = 3) -> list[str]:
+    """Greedy answers (their first word) to already collated prompts."""
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1] :]
     return [first_word(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def visual_tokens(model, processor, family: str, batch: list[dict]) -> list[int]:
-    """How many visual tokens each image of the batch became."""
+def visual_tokens(model, family: str, input_ids: torch.Tensor, batch: list[dict]) -> list[int]:
+    """How many visual tokens each image of the batch became (its placeholders in the prompt; Flamingo's are the
+    resampler's latents, outside the sequence)."""
     if family == "flamingo":
         return [model.config.num_visual_tokens for e in batch for _ in e["images"]]
-    inputs = VQACollator(processor, family, with_answers=False)(batch)
-    token = {"llava": model.config.image_token_id, "qwen2_vl": model.config.image_token_id,
-             "fuyu": model.config.image_token_id}[family]  # fmt: skip
     counts = []
-    for row, example in zip(inputs["input_ids"], batch, strict=True):
-        placeholders = int((row == token).sum())
+    for row, example in zip(input_ids, batch, strict=True):
+        placeholders = int((row == model.config.image_token_id).sum())
         counts += [placeholders / len(example["images"])] * len(example["images"])
     return counts
 
@@ -118,12 +128,13 @@ def evaluate(
     errors, tokens = [], []
     for start in range(0, len(data), batch_size):
         batch = data[start : start + batch_size]
-        for example, predicted in zip(batch, answer(model, processor, family, batch), strict=True):
+        inputs = collate_prompts(processor, family, batch)
+        for example, predicted in zip(batch, answer_inputs(model, processor, inputs), strict=True):
             total[example["kind"]] += 1
             right[example["kind"]] += predicted == example["answer"]
             if predicted != example["answer"] and len(errors) < 20:
                 errors.append(dict(question=example["question"], answer=example["answer"], predicted=predicted))
-        tokens += visual_tokens(model, processor, family, batch)
+        tokens += visual_tokens(model, family, inputs["input_ids"], batch)
     timings = []
     for example in data[:latency_samples]:
         started = time.perf_counter()

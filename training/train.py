@@ -250,7 +250,7 @@ def strip_code(folder: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainOptions(family="", output="")
-    parser.add_argument("family", choices=["llava", "qwen2_vl", "fuyu", "flamingo"], help="the pattern to train")
+    parser.add_argument("family", choices=list(CONNECTORS), help="the pattern to train")
     parser.add_argument("--output", required=True, help="checkpoint folder to write")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
