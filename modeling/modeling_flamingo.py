@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_flamingo import FlamingoPatternConfig
 from .flamingo_media import ImageState, image_attention, media_bias, media_cache_entries, track_images
 from .gated_cross_attention import GatedCrossAttentionBlock
+from .input_checks import check_image_mask, check_input_ids, check_pixel_values
 from .pattern_pretrained import PatternPreTrainedModel
 from .perceiver_resampler import PerceiverResampler
 from .text_decoder import TextDecoder
@@ -90,6 +91,8 @@ class FlamingoPatternModel(FlamingoPatternPreTrainedModel):
             raise ValueError(
                 f"pixel_values must have shape (batch, images, 3, height, width), got {tuple(pixel_values.shape)}"
             )
+        check_pixel_values(pixel_values)
+        check_image_mask(image_mask, pixel_values)
         B, num_images = pixel_values.shape[:2]
         images = pixel_values.flatten(0, 1)  # (B*I, 3, S, S)
         real = None
@@ -131,6 +134,8 @@ class FlamingoPatternModel(FlamingoPatternPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_input_ids(input_ids, self.config.text_config.vocab_size)
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
         if use_cache and cache is None:
@@ -203,7 +208,8 @@ class FlamingoPatternModel(FlamingoPatternPreTrainedModel):
                 hidden_states = self.gated_cross_attn_layers[k](
                     hidden_states, media[k] if media else None, bias, sees_any
                 )
-            hidden_states = layer(hidden_states, position_embeddings, mask, cache, **kwargs)
+            # The cache goes by keyword (see TextDecoder.forward).
+            hidden_states = layer(hidden_states, position_embeddings, mask, cache=cache, **kwargs)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         hidden_states = decoder.norm(hidden_states)

@@ -12,6 +12,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_fuyu import FuyuPatternConfig
+from .input_checks import check_input_ids, check_pixel_values
 from .pattern_pretrained import PatternPreTrainedModel
 from .text_decoder import TextDecoder
 
@@ -22,6 +23,7 @@ def embed_patches(vision_embed_tokens: nn.Linear, pixel_values: torch.Tensor, pa
     """The whole vision side of Fuyu: flattened patches (N, 30*30*3), channel-last inside a patch -> (N, D)."""
     if pixel_values.shape[-1] != patch_dim:
         raise ValueError(f"pixel_values must hold patches of {patch_dim} values, got shape {tuple(pixel_values.shape)}")
+    check_pixel_values(pixel_values)
     weight = vision_embed_tokens.weight
     return vision_embed_tokens(pixel_values.reshape(-1, patch_dim).to(weight.dtype))
 
@@ -90,6 +92,8 @@ class FuyuPatternModel(FuyuPatternPreTrainedModel):
         processor returns for post-processing boxes; the model does not need them."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_input_ids(input_ids, self.config.text_config.vocab_size)
         pixel_values = pixel_values if pixel_values is not None else image_patches
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache

@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_llava import LlavaPatternConfig
+from .input_checks import check_input_ids, check_pixel_values
 from .pattern_pretrained import PatternPreTrainedModel
 from .text_decoder import TextDecoder
 from .vision_transformer import VisionTransformer
@@ -99,6 +100,7 @@ class LlavaPatternModel(LlavaPatternPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (I, 3, S, S) -> projected features (I, N, D)."""
+        check_pixel_values(pixel_values)
         hidden_states = self.vision_tower(pixel_values, self.config.feature_layers)  # each (I, 1 + P, Dv)
         if self.config.vision_feature_select_strategy == "default":
             hidden_states = [h[:, 1:] for h in hidden_states]  # drop the class token
@@ -126,6 +128,8 @@ class LlavaPatternModel(LlavaPatternPreTrainedModel):
     ) -> LlavaPatternModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_input_ids(input_ids, self.config.text_config.vocab_size)
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
         if inputs_embeds is None:

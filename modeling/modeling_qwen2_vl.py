@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_qwen2_vl import Qwen2VLPatternConfig
+from .input_checks import check_grid, check_input_ids, check_pixel_values
 from .pattern_pretrained import PatternPreTrainedModel
 from .qwen2_vl_vision import Qwen2VLVisionTower
 from .text_decoder import TextDecoder
@@ -176,6 +177,8 @@ class Qwen2VLPatternModel(Qwen2VLPatternPreTrainedModel):
         placeholder tokens themselves say where images and videos are."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_input_ids(input_ids, self.config.text_config.vocab_size)
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
         if inputs_embeds is None:
@@ -186,12 +189,16 @@ class Qwen2VLPatternModel(Qwen2VLPatternPreTrainedModel):
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise ValueError("pixel_values need image_grid_thw (the processor returns both)")
+            check_pixel_values(pixel_values)
+            check_grid(image_grid_thw, pixel_values, self.config.vision_config.spatial_merge_size)
             inputs_embeds = scatter_features(
                 inputs_embeds, image_mask, self.visual(pixel_values, image_grid_thw), "image"
             )
         if pixel_values_videos is not None:
             if video_grid_thw is None:
                 raise ValueError("pixel_values_videos need video_grid_thw (the processor returns both)")
+            check_pixel_values(pixel_values_videos, "pixel_values_videos")
+            check_grid(video_grid_thw, pixel_values_videos, self.config.vision_config.spatial_merge_size, "video")
             features = self.visual(pixel_values_videos, video_grid_thw)
             inputs_embeds = scatter_features(inputs_embeds, video_mask, features, "video")
         if past == 0 and pixel_values is None and pixel_values_videos is None and bool((image_mask | video_mask).any()):

@@ -16,6 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import attention_function
 from .configuration_backbones import TextDecoderConfig
+from .input_checks import check_attention_mask
 
 
 class RMSNorm(nn.Module):
@@ -219,6 +220,7 @@ class TextDecoder(nn.Module):
         """The causal mask and the rotary tables for `inputs_embeds` (B, T, D) after `cache`'s tokens."""
         B, T, _ = inputs_embeds.shape
         past = cache.get_seq_length() if cache is not None else 0
+        check_attention_mask(attention_mask, B, T, past)
         if past + T > self.config.max_position_embeddings:
             raise ValueError(
                 f"The sequence is {past + T} tokens long, more than the {self.config.max_position_embeddings} "
@@ -257,7 +259,8 @@ class TextDecoder(nn.Module):
         hidden_states = inputs_embeds
         all_hidden_states = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, mask, cache, **kwargs)
+            # The cache goes by keyword: gradient checkpointing drops it only then, so the recompute does not append twice.
+            hidden_states = layer(hidden_states, position_embeddings, mask, cache=cache, **kwargs)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         hidden_states = self.norm(hidden_states)

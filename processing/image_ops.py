@@ -18,8 +18,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
+
+from .image_sources import ImageInputError, read_source
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes
 
@@ -30,33 +33,74 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ImageInputError(ValueError):
-    """An image that cannot be used: unreadable, empty, of an unsupported layout, or outside the limits."""
-
-
-def _open_file(source: str | os.PathLike | bytes) -> PIL.Image.Image:
-    if isinstance(source, bytes):
-        if not source:
-            raise ImageInputError("The image data is empty (0 bytes)")
-        data, name = source, "the image bytes"
-    else:
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No image file at {path!r}")
-        if os.path.getsize(path) == 0:
-            raise ImageInputError(f"The image file {path!r} is empty (0 bytes)")
-        with open(path, "rb") as f:
-            data, name = f.read(), repr(path)
+def _decode(data: bytes, name: str, max_pixels: int) -> PIL.Image.Image:
+    """Encoded bytes -> a decoded PIL image, upright, its size checked from the header before any decoding."""
     try:
-        image = PIL.Image.open(io.BytesIO(data))
-        image.load()  # decode now, so a truncated or corrupt file fails here and not later
+        with warnings.catch_warnings():  # PIL warns of large images; the limit below is this project's own
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(io.BytesIO(data))  # reads the header only
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageInputError(f"{name} is not a readable image: {e}") from e
-    return image
+    except PIL.Image.DecompressionBombError as e:
+        raise ImageInputError(f"{name} is too large to decode: {e}") from e
+    _check_pixels(*image.size, max_pixels, name)
+    try:
+        image.load()  # decode now, so a truncated or corrupt file fails here and not later
+        return PIL.ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageInputError(f"{name} is not a readable image: {e}") from e
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, name: str = "The image") -> None:
+    if width * height > max_pixels:
+        raise ImageInputError(
+            f"{name[0].upper()}{name[1:]} is {width}x{height} = {width * height} pixels, above the limit {max_pixels}"
+        )
+
+
+def _to_uint8(values: np.ndarray, what: str) -> np.ndarray:
+    """Pixel values of any depth -> uint8 by their real range, or a clear error; never silently saturated.
+
+    uint8 as is; uint16 (16-bit PNG/TIFF) by /257 (65535 -> 255); other integers only when they lie in 0..255;
+    floats in [0, 1] (as transformers' `to_pil_image` reads them) or, failing that, in [0, 255]. NaN or infinite
+    values are refused: there is no right colour for them.
+    """
+    if values.dtype == np.uint8:
+        return values
+    if values.dtype == np.bool_:
+        return values.astype(np.uint8) * 255
+    if values.dtype == np.uint16:
+        return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if np.issubdtype(values.dtype, np.integer):
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0 or high > 255:
+            raise ImageInputError(
+                f"{what} holds integers from {low} to {high}; pass uint8 (0..255), uint16 (0..65535) or floats in [0, 1]"
+            )
+        return values.astype(np.uint8)
+    if not np.issubdtype(values.dtype, np.floating):
+        raise ImageInputError(f"{what} has dtype {values.dtype}; pass uint8, uint16 or floats in [0, 1]")
+    if values.size and not np.isfinite(values).all():
+        raise ImageInputError(f"{what} holds NaN or infinite values")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low >= 0 and high <= 1:
+        return np.round(values * 255).astype(np.uint8)
+    if low >= 0 and high <= 255:
+        return np.round(values).astype(np.uint8)
+    raise ImageInputError(f"{what} holds floats from {low:g} to {high:g}; pass floats in [0, 1] (or 0..255), or uint8")
 
 
 def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8; transparency is composited onto white, as transformers' processors do."""
+    """(H, W, 3) uint8; transparency is composited onto white, as transformers' processors do. High-bit-depth and
+    float modes (I;16, I, F) are scaled by their real range, not clipped at 255 as PIL's `convert` does."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image)
+        if image.mode.startswith("I;16"):
+            values = values.astype(np.uint16)
+        elif image.mode == "I":  # 32-bit integers: 16-bit files land here; read them as 16-bit when they fit
+            high = int(values.max()) if values.size else 0
+            values = values.astype(np.uint16) if 255 < high <= 65535 and values.min() >= 0 else values
+        return _array_to_rgb(values, what=f"The {image.mode}-mode image")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -66,8 +110,8 @@ def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
     return np.asarray(image)  # one copy out of PIL; read-only, which is fine: nothing writes to it
 
 
-def _array_to_rgb(array: np.ndarray) -> np.ndarray:
-    """HW, HWC or CHW arrays (C in 1, 3, 4; uint8, or floats in [0, 1]) -> (H, W, 3) uint8."""
+def _array_to_rgb(array: np.ndarray, what: str = "The image array") -> np.ndarray:
+    """HW, HWC or CHW arrays (C in 1, 3, 4) of uint8, uint16 or floats in [0, 1] -> (H, W, 3) uint8."""
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)  # channels first -> last
     if array.ndim == 2:
@@ -76,12 +120,7 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
         raise ImageInputError(
             f"An image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got {array.shape}"
         )
-    if array.dtype != np.uint8:
-        if not np.issubdtype(array.dtype, np.floating):
-            raise ImageInputError(f"Image arrays must be uint8 or float in [0, 1], got {array.dtype}")
-        if array.size and (array.min() < 0 or array.max() > 1):
-            raise ImageInputError("Float image arrays must hold values in [0, 1]")
-        array = np.round(array * 255).astype(np.uint8)
+    array = _to_uint8(array, what)
     channels = array.shape[-1]
     if channels == 1:
         return np.repeat(array, 3, axis=-1)
@@ -91,38 +130,52 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _array_size(array: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """(width, height) of an image array from its shape alone, so that limits are checked before any pixel is read."""
+    shape = tuple(array.shape)
+    if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+        shape = shape[1:]
+    return (shape[1], shape[0]) if len(shape) >= 2 else (0, 0)
+
+
 def load_image(
     image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, max_aspect_ratio: float | None = None
 ) -> np.ndarray:
-    """Any supported image input -> (H, W, 3) uint8 RGB, or a clear error.
+    """Any supported image input -> (H, W, 3) uint8 RGB, upright, or a clear error.
 
-    Accepts a file path, encoded bytes, a PIL image, a numpy array or a torch tensor. Refuses empty or
-    corrupt files, images with no pixels, more than `max_pixels` pixels, or a longer/shorter side ratio
-    above `max_aspect_ratio`.
+    Accepts what transformers' processors accept: a file path, an http(s) URL, a `data:image/...;base64` URI, a
+    base64 string, encoded bytes, a PIL image, a numpy array or a torch tensor. Files and PIL images are turned
+    upright by their EXIF orientation, as transformers' `load_image` does. The pixel count is checked from the
+    header (or the array's shape) before anything is decoded. Refuses unreachable or empty sources, corrupt
+    files, images with no pixels, more than `max_pixels` pixels, a longer/shorter side ratio above
+    `max_aspect_ratio`, and values that cannot be read as colours (NaN, out of range).
     """
-    if isinstance(image, (str, os.PathLike, bytes)):
-        image = _open_file(image)
+    if isinstance(image, (str, os.PathLike)):
+        data, name = read_source(image)
+        image = _decode(data, name, max_pixels)
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        if not image:
+            raise ImageInputError("The image data is empty (0 bytes)")
+        image = _decode(bytes(image), "the image data", max_pixels)
     if isinstance(image, PIL.Image.Image):
+        _check_pixels(*image.size, max_pixels)  # before converting: conversion would allocate it all
+        image = PIL.ImageOps.exif_transpose(image)
         width, height = image.size
-        if width * height > max_pixels:  # check before converting: conversion would allocate it all
-            raise ImageInputError(
-                f"The image is {width}x{height} = {width * height} pixels, above the limit {max_pixels}"
-            )
         rgb = _pil_to_rgb(image) if width and height else np.zeros((height, width, 3), np.uint8)
-    elif isinstance(image, torch.Tensor):
-        rgb = _array_to_rgb(image.detach().cpu().numpy())
-    elif isinstance(image, np.ndarray):
-        rgb = _array_to_rgb(image)
+    elif isinstance(image, (torch.Tensor, np.ndarray)):
+        _check_pixels(*_array_size(image), max_pixels)
+        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+        rgb = _array_to_rgb(array)
     else:
         raise ImageInputError(
-            f"Unsupported image type {type(image).__name__}: pass a path, bytes, PIL image, array or tensor"
+            f"Unsupported image type {type(image).__name__}: pass a path, URL, data URI, bytes, PIL image, "
+            "array or tensor"
         )
 
     height, width = rgb.shape[:2]
     if height == 0 or width == 0:
         raise ImageInputError(f"The image has no pixels ({width}x{height})")
-    if height * width > max_pixels:
-        raise ImageInputError(f"The image is {width}x{height} = {width * height} pixels, above the limit {max_pixels}")
+    _check_pixels(width, height, max_pixels)
     if max_aspect_ratio is not None and max(height, width) / min(height, width) > max_aspect_ratio:
         raise ImageInputError(
             f"The image is {width}x{height}: its aspect ratio {max(height, width) / min(height, width):.0f} "
@@ -132,12 +185,28 @@ def load_image(
 
 
 def flatten_images(images) -> list:
-    """A single image, a list of images or a list of lists (one per prompt) -> a flat list."""
+    """A single image, a list of images or a list of lists (one per prompt) -> a flat list.
+
+    `None` stands for "no images" only as the whole argument: a `None` inside the lists is refused, because
+    dropping it would shift every later image onto the wrong prompt.
+    """
     if images is None:
         return []
-    if isinstance(images, (list, tuple)):
-        return [image for item in images for image in flatten_images(item)]
-    return [images]
+    flat: list = []
+
+    def walk(item, where: str) -> None:
+        if isinstance(item, (list, tuple)):
+            for i, inner in enumerate(item):
+                walk(inner, f"{where}[{i}]")
+        elif item is None:
+            raise ImageInputError(
+                f"{where} is None: give each prompt exactly its images (an empty list for a prompt without any)"
+            )
+        else:
+            flat.append(item)
+
+    walk(images, "images")
+    return flat
 
 
 def to_uint8_tensor(rgb: np.ndarray) -> torch.Tensor:

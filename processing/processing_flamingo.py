@@ -13,6 +13,7 @@ from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_ops import flatten_images
+from .prompt_text import check_token_rows, prompt_list
 
 
 def flamingo_chat_template(end_of_utterance: str = "") -> str:
@@ -95,7 +96,7 @@ class FlamingoPatternProcessor(ProcessorMixin):
             raise ValueError("Flamingo takes images and text only")
         if text is None:
             raise ValueError("Pass the text (with one <image> per image)")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = prompt_list(text)
         per_prompt = self.images_per_prompt(texts, images)
         data = {}
         if any(per_prompt):
@@ -117,12 +118,14 @@ class FlamingoPatternProcessor(ProcessorMixin):
             texts = [self.tokenizer.bos_token + t for t in texts]
             add_special_tokens = False
         token_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        check_token_rows(token_ids)
         data.update(self.tokenizer.pad({"input_ids": token_ids}, padding=padding, padding_side=padding_side))
         return BatchFeature(data, tensor_type=return_tensors)
 
     def images_per_prompt(self, texts: list[str], images) -> list[list]:
         """Each prompt's images, checked against its `<image>` count."""
         counts = [t.count(self.image_token) for t in texts]
+        flatten_images(images)  # refuses a None among the images before it can shift the rest
         nested = (
             isinstance(images, (list, tuple))
             and len(images) == len(texts)

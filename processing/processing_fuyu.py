@@ -15,6 +15,7 @@ from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_ops import flatten_images
+from .prompt_text import prompt_list
 
 BOX_OPEN, BOX_CLOSE, POINT_OPEN, POINT_CLOSE, ANSWER = "<0x00>", "<0x01>", "<0x02>", "<0x03>", "<0x04>"
 COORDINATES = re.compile(r"<(box|point)>(.*?)</\1>")
@@ -130,7 +131,7 @@ class FuyuPatternProcessor(ProcessorMixin):
             raise ValueError("Fuyu takes images and text only")
         if images is None and text is None:
             raise ValueError("Pass images, text, or both")
-        texts = [text] if isinstance(text, str) else list(text) if text is not None else None
+        texts = prompt_list(text) if text is not None else None
         per_prompt = self._images_per_prompt(images, texts)
         flat = [image for image in per_prompt if image is not None]
         data = dict(self.image_processor(flat, return_tensors=None, **kwargs)) if flat else {}

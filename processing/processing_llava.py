@@ -7,6 +7,7 @@ from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_ops import flatten_images
+from .prompt_text import check_token_rows, prompt_list
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ...</s>"), images before the text of a turn.
 LLAVA_CHAT_TEMPLATE = (
@@ -93,9 +94,10 @@ class LlavaPatternProcessor(ProcessorMixin):
         elif kwargs:
             raise TypeError(f"Unknown processor options: {sorted(kwargs)}")
         if text is not None:
-            texts = [text] if isinstance(text, str) else list(text)
+            texts = prompt_list(text)
             self.check_image_counts(texts, images, len(flat_images))
             token_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+            check_token_rows(token_ids)
             token_ids = [expand_placeholders(ids, self.image_token_id, self.image_seq_length) for ids in token_ids]
             pad_kwargs = {"padding_side": padding_side} if padding_side is not None else {}
             data.update(self.tokenizer.pad({"input_ids": token_ids}, padding=padding, **pad_kwargs))

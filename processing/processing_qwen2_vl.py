@@ -7,6 +7,7 @@ from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_ops import flatten_images
+from .prompt_text import check_token_rows, prompt_list, unknown_options
 
 # Qwen's ChatML: a default system turn, images and videos wrapped in vision start/end tokens where they occur.
 QWEN2_VL_CHAT_TEMPLATE = (
@@ -84,18 +85,20 @@ class Qwen2VLPatternProcessor(ProcessorMixin):
             raise ValueError("Qwen2-VL takes images, videos and text")
         if images is None and text is None and videos is None:
             raise ValueError("Pass images, videos, text, or a combination")
+        unknown_options(kwargs)
         clips = self._clips(videos)
         flat_images = flatten_images(images)
         data = {}
         if flat_images or clips:
             data.update(self.image_processor(flat_images or None, videos=clips, min_pixels=min_pixels, max_pixels=max_pixels, return_tensors=None))  # fmt: skip
         if text is not None:
-            texts = [text] if isinstance(text, str) else list(text)
+            texts = prompt_list(text)
             image_counts = self._placeholder_counts(
                 texts, self.image_token, data.get("image_grid_thw"), len(flat_images)
             )
             video_counts = self._placeholder_counts(texts, self.video_token, data.get("video_grid_thw"), len(clips))
             token_ids = self.tokenizer(texts, **kwargs)["input_ids"]
+            check_token_rows(token_ids)
             expanded = []
             for ids, n_images, n_videos in zip(token_ids, *self._per_prompt(texts), strict=True):
                 ids = expand_placeholders(ids, self.image_token_id, image_counts[:n_images])
@@ -108,8 +111,6 @@ class Qwen2VLPatternProcessor(ProcessorMixin):
                 data["mm_token_type_ids"] = (ids == self.image_token_id).long() + 2 * (
                     ids == self.video_token_id
                 ).long()
-        elif kwargs:
-            raise TypeError(f"Unknown processor options: {sorted(kwargs)}")
         return BatchFeature(data, tensor_type=return_tensors)
 
     @staticmethod
