@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from modeling import FuyuPatternConfig, FuyuPatternForConditionalGeneration
 from processing import FuyuPatternImageProcessor, FuyuPatternProcessor
 
-from .checkpoint_io import ShardWriter, atomic_output_dir, read_json, resolve_source, weight_files
+from .checkpoint_io import ShardWriter, atomic_output_dir, check_output, read_json, resolve_source, weight_files
 from .key_mapping import Gather, KeyMap, Split
 from .llava import _source_tensors, _write_weights
 from .model_files import meta_model, write_model_files
@@ -176,6 +176,7 @@ def convert_fuyu(
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
     """Convert a Fuyu checkpoint (folder or Hub id, in adept/fuyu-8b's layout) into ours at `output`."""
+    check_output(output, overwrite, [source])
     folder = resolve_source(source)
     hub_config = read_json(folder / "config.json")
     if hub_config.get("model_type") != "fuyu":
@@ -189,7 +190,7 @@ def convert_fuyu(
     generation_config = (
         GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").exists() else None
     )
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [folder]) as staging:
         items = key_map.apply(_source_tensors(weight_files(folder), "converting Fuyu shards"))
         _write_weights(items, model, staging, dtype, max_shard_bytes)
         write_model_files(model, staging, generation_config)
@@ -201,6 +202,7 @@ def export_fuyu(
     ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3
 ) -> Path:
     """Write our Fuyu checkpoint in adept/fuyu-8b's layout (fused QKV again); tensors are bit-identical."""
+    check_output(output, overwrite, [ours])
     folder = resolve_source(ours)
     config = FuyuPatternConfig.from_pretrained(folder)
     hub_config = config_to_hub(config)
@@ -213,7 +215,7 @@ def export_fuyu(
         do_normalize=ip.do_normalize, image_mean=ip.image_mean, image_std=ip.image_std,
     )  # fmt: skip
     key_map = KeyMap(EXPORT_RULES, gathers=[interleave_qkv(config.text_config.num_attention_heads)])
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [folder]) as staging:
         writer = ShardWriter(staging, max_shard_bytes)
         for key, tensor in key_map.apply(_source_tensors(weight_files(folder), "exporting shards")):
             writer.add(key, tensor)

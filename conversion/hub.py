@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from .checkpoint_io import read_json
+from .checkpoint_io import OUTPUT_MARKER, read_json
 
 CARD_TEMPLATE = """---
 library_name: transformers
@@ -68,7 +68,12 @@ def push_folder(folder: str | Path, repo_id: str, family: str, source: str | Non
     (folder / "README.md").write_text(model_card(folder, repo_id, family, source), encoding="utf-8")
     api = HfApi()
     url = api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {family} converted by vlm-patterns")
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=f"Upload {family} converted by vlm-patterns",
+        ignore_patterns=[OUTPUT_MARKER],  # local bookkeeping of `overwrite`, not part of the model
+    )
     return str(url)
 
 

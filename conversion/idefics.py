@@ -18,7 +18,7 @@ from modeling import FlamingoPatternConfig, FlamingoPatternForConditionalGenerat
 from processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
 from processing.processing_flamingo import flamingo_chat_template
 
-from .checkpoint_io import ShardWriter, atomic_output_dir, read_json, resolve_source, weight_files
+from .checkpoint_io import ShardWriter, atomic_output_dir, check_output, read_json, resolve_source, weight_files
 from .key_mapping import Gather, KeyMap, Split
 from .llava import _source_chat_template, _source_image_config, _source_tensors, _write_weights
 from .model_files import meta_model, write_model_files
@@ -199,6 +199,7 @@ def convert_idefics(
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
     """Convert an IDEFICS checkpoint (folder or Hub id, in `HuggingFaceM4/idefics-9b`'s layout) into ours."""
+    check_output(output, overwrite, [source])
     folder = resolve_source(source)
     hub_config = read_json(folder / "config.json")
     if hub_config.get("model_type") != "idefics":
@@ -216,7 +217,7 @@ def convert_idefics(
     generation_config = (
         GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").exists() else None
     )
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [folder]) as staging:
         items = key_map.apply(_source_tensors(weight_files(folder), "converting IDEFICS shards"))
         _write_weights(items, model, staging, dtype, max_shard_bytes)
         write_model_files(model, staging, generation_config)
@@ -231,6 +232,7 @@ def export_idefics(
     Tensors are copied bit for bit; the vocabulary is split back into frozen and additional rows."""
     from transformers import IdeficsImageProcessorPil, IdeficsProcessor
 
+    check_output(output, overwrite, [ours])
     folder = resolve_source(ours)
     config = FlamingoPatternConfig.from_pretrained(folder)
     processor = FlamingoPatternProcessor.from_pretrained(folder)
@@ -251,7 +253,7 @@ def export_idefics(
     key_map = KeyMap(
         EXPORT_RULES, splits=split_vocabulary(base_vocab) if base_vocab < config.text_config.vocab_size else []
     )
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [folder]) as staging:
         writer = ShardWriter(staging, max_shard_bytes)
         for key, tensor in key_map.apply(_source_tensors(weight_files(folder), "exporting shards")):
             writer.add(key, tensor)

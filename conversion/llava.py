@@ -24,6 +24,7 @@ from processing.processing_llava import LLAVA_CHAT_TEMPLATE
 from .checkpoint_io import (
     ShardWriter,
     atomic_output_dir,
+    check_output,
     checkpoint_keys,
     iter_shard,
     read_json,
@@ -260,6 +261,7 @@ def convert_llava(
     original release, whose CLIP tower comes from `vision_tower` (default: the checkpoint's `mm_vision_tower`).
     `dtype` casts floating tensors (default: keep the checkpoint's). Returns the output folder.
     """
+    check_output(output, overwrite, [source])
     folder = resolve_source(source)
     hf_config = read_json(folder / "config.json")
     if "mm_projector_type" in hf_config or "mm_vision_tower" in hf_config:
@@ -274,7 +276,7 @@ def convert_llava(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     image_processor = _image_processor_from_json(_source_image_config(folder))
     processor = build_processor(config, tokenizer, image_processor, _source_chat_template(folder))
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [folder]) as staging:
         items = key_map.apply(_source_tensors(weight_files(folder), "converting llava-hf shards"))
         _write_weights(items, model, staging, dtype, max_shard_bytes)
         write_model_files(model, staging, _generation_config(folder, config))
@@ -381,6 +383,7 @@ def _convert_original(folder, hf_config, output, dtype, vision_tower, overwrite,
         raise ValueError(
             "The original LLaVA layout needs the CLIP tower: pass vision_tower (e.g. openai/clip-vit-large-patch14-336)"
         )
+    check_output(output, overwrite, [folder, tower_source])
     tower = resolve_source(tower_source, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     image_token_id, pad_token_id = extend_tokenizer(tokenizer)
@@ -401,7 +404,7 @@ def _convert_original(folder, hf_config, output, dtype, vision_tower, overwrite,
     image_config = _source_image_config(tower)
     image_processor = _image_processor_from_json(image_config, do_pad=hf_config.get("image_aspect_ratio") == "pad")
     processor = build_processor(config, tokenizer, image_processor)
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [folder, tower]) as staging:
         _write_weights(items, model, staging, dtype, max_shard_bytes)
         write_model_files(model, staging, _generation_config(folder, config))
         processor.save_pretrained(staging)
@@ -424,6 +427,7 @@ def export_llava(
     `LlavaProcessor` files), which transformers, vLLM and SGLang load. Tensors are copied bit for bit."""
     from transformers import LlavaImageProcessorPil, LlavaProcessor
 
+    check_output(output, overwrite, [ours])
     folder = resolve_source(ours)
     config = LlavaPatternConfig.from_pretrained(folder)
     hf_config = config_to_llava_hf(config)  # raises early for what transformers' class cannot express
@@ -445,7 +449,7 @@ def export_llava(
         chat_template=processor.chat_template,
     )
     key_map = KeyMap(EXPORT_RULES)
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [folder]) as staging:
         writer = ShardWriter(staging, max_shard_bytes)
         for key, tensor in key_map.apply(_source_tensors(weight_files(folder), "exporting shards")):
             writer.add(key, tensor)

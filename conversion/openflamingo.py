@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 from modeling import FlamingoPatternConfig, FlamingoPatternForConditionalGeneration
 from processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
 
-from .checkpoint_io import atomic_output_dir, resolve_source, weight_files
+from .checkpoint_io import atomic_output_dir, check_output, resolve_source, weight_files
 from .key_mapping import KeyMap, Split
 from .llava import _source_image_config, _source_tensors, _write_weights
 from .model_files import meta_model, write_model_files
@@ -226,6 +226,7 @@ def convert_openflamingo(
 ) -> Path:
     """Merge an OpenFlamingo `checkpoint.pt` with its CLIP tower (`vision`) and base language model (`language`,
     whose tokenizer is used unless `tokenizer` names another) into one checkpoint of ours at `output`."""
+    check_output(output, overwrite, [checkpoint, vision, language] + ([tokenizer] if tokenizer else []))
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = checkpoint / "checkpoint.pt"
@@ -276,7 +277,7 @@ def convert_openflamingo(
         + ([text_tokenizer.eos_token_id] if text_tokenizer.eos_token_id is not None else []),
         pad_token_id=text_tokenizer.pad_token_id,
     )
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [checkpoint, language_dir, vision_dir]) as staging:
         _write_weights(merged(), model, staging, dtype, max_shard_bytes)
         write_model_files(model, staging, generation_config)
         processor.save_pretrained(staging)

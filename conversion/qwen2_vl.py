@@ -15,7 +15,7 @@ from modeling import Qwen2VLPatternConfig, Qwen2VLPatternForConditionalGeneratio
 from processing import Qwen2VLPatternImageProcessor, Qwen2VLPatternProcessor
 from processing.processing_qwen2_vl import QWEN2_VL_CHAT_TEMPLATE
 
-from .checkpoint_io import ShardWriter, atomic_output_dir, read_json, resolve_source, weight_files
+from .checkpoint_io import ShardWriter, atomic_output_dir, check_output, read_json, resolve_source, weight_files
 from .key_mapping import KeyMap
 from .llava import _source_tensors, _write_weights
 from .model_files import meta_model, write_model_files
@@ -144,6 +144,7 @@ def convert_qwen2_vl(
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
     """Convert a Qwen2-VL checkpoint (folder or Hub id, Hub layout) into ours at `output`."""
+    check_output(output, overwrite, [source])
     folder = resolve_source(source)
     hub_config = read_json(folder / "config.json")
     if hub_config.get("model_type") != "qwen2_vl":
@@ -159,7 +160,7 @@ def convert_qwen2_vl(
     generation_config = (
         GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").exists() else None
     )
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [folder]) as staging:
         items = KeyMap(QWEN2_VL_RULES).apply(_source_tensors(weight_files(folder), "converting Qwen2-VL shards"))
         _write_weights(items, model, staging, dtype, max_shard_bytes)
         write_model_files(model, staging, generation_config)
@@ -171,6 +172,7 @@ def export_qwen2_vl(
     ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3
 ) -> Path:
     """Write our Qwen2-VL checkpoint in the Hub's layout (transformers, vLLM and SGLang load it); bit-exact tensors."""
+    check_output(output, overwrite, [ours])
     folder = resolve_source(ours)
     config = Qwen2VLPatternConfig.from_pretrained(folder)
     hf_config = config_to_hub(config)
@@ -186,7 +188,7 @@ def export_qwen2_vl(
                       size={"shortest_edge": ip.min_pixels, "longest_edge": ip.max_pixels})  # fmt: skip
     video_json = dict(common, video_processor_type="Qwen2VLVideoProcessor", min_pixels=ip.video_min_pixels,
                       max_pixels=ip.video_max_pixels, size={"shortest_edge": ip.video_min_pixels, "longest_edge": ip.video_max_pixels})  # fmt: skip
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [folder]) as staging:
         writer = ShardWriter(staging, max_shard_bytes)
         for key, tensor in KeyMap(EXPORT_RULES).apply(_source_tensors(weight_files(folder), "exporting shards")):
             writer.add(key, tensor)
