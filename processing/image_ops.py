@@ -41,8 +41,8 @@ def _decode(data: bytes, name: str, max_pixels: int) -> PIL.Image.Image:
             image = PIL.Image.open(io.BytesIO(data))  # reads the header only
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageInputError(f"{name} is not a readable image: {e}") from e
-    except PIL.Image.DecompressionBombError as e:
-        raise ImageInputError(f"{name} is too large to decode: {e}") from e
+    except PIL.Image.DecompressionBombError as e:  # above twice PIL's own limit: it refuses from the header
+        raise ImageInputError(f"{name[0].upper()}{name[1:]} is above the limit of {max_pixels} pixels: {e}") from e
     _check_pixels(*image.size, max_pixels, name)
     try:
         image.load()  # decode now, so a truncated or corrupt file fails here and not later

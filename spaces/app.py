@@ -11,12 +11,13 @@ answers at once, the page.
 import argparse
 import dataclasses
 import gc
+import hashlib
+import io
 import json
 import math
 import os
 import queue
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -34,7 +35,7 @@ import PIL.ImageDraw  # noqa: E402
 import torch  # noqa: E402
 from transformers import TextIteratorStreamer  # noqa: E402
 
-from processing import load_image  # noqa: E402
+from processing import ImageInputError, load_image  # noqa: E402
 from processing.image_processing_fuyu import fit_within  # noqa: E402
 from processing.image_processing_qwen2_vl import smart_resize  # noqa: E402
 
@@ -98,7 +99,60 @@ def _grid(draw: PIL.ImageDraw.ImageDraw, width: float, height: float, step: floa
 
 
 def _rgb(image) -> PIL.Image.Image:
-    return PIL.Image.fromarray(load_image(image))
+    return PIL.Image.fromarray(image if isinstance(image, np.ndarray) else load_image(image))
+
+
+# Uploads larger than this are refused from their header, before decoding (a 9000 x 9000 PNG of 258 KB would
+# decode to 243 MB, and each family's processor and picture would work on it).
+MAX_UPLOAD_PIXELS = 40_000_000
+_decoded: OrderedDict[tuple, np.ndarray] = OrderedDict()  # recent uploads, decoded: later turns reuse them
+_decoded_lock = threading.Lock()
+DECODED_KEPT = 8
+
+
+def decode_upload(path: str) -> np.ndarray:
+    """An uploaded file -> (H, W, 3) uint8, upright, decoded once and reused by the four columns and by later
+    turns of the chat; a clear `ImageInputError` (or `FileNotFoundError`) naming the problem otherwise."""
+    try:
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        key = None
+    with _decoded_lock:
+        if key in _decoded:
+            _decoded.move_to_end(key)
+            return _decoded[key]
+    rgb = load_image(path, max_pixels=MAX_UPLOAD_PIXELS)
+    rgb.setflags(write=False)  # shared between threads and turns: nobody may write to it
+    if key is not None:
+        with _decoded_lock:
+            _decoded[key] = rgb
+            while len(_decoded) > DECODED_KEPT:
+                _decoded.popitem(last=False)
+    return rgb
+
+
+def upload_error(path: str, error: Exception) -> str:
+    """What a visitor reads about a bad upload: the loader's sentence, naming the file without the server's folders."""
+    return str(error).replace(repr(path), repr(os.path.basename(path))).replace(path, os.path.basename(path))
+
+
+def saved_view(picture: PIL.Image.Image | None) -> str | None:
+    """A picture written once into Gradio's upload folder under its content hash, and its path. Gradio would
+    re-encode and rewrite the same file on every streamed update, while browsers are still reading it."""
+    if picture is None:
+        return None
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    folder = Path(gr.utils.get_upload_folder()) / "vlm-patterns-views"
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{threading.get_ident()}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)  # readers see the whole file or none
+    return str(path)
 
 
 def llava_view(image, image_size: int, patch_size: int, pad_to_square: bool) -> tuple[PIL.Image.Image, int]:
@@ -304,7 +358,7 @@ def conversation_messages(history: list[dict], family: str) -> list[dict]:
     """Our chat history (user turns with `images` and `text`, assistant turns with `text`) as chat-template
     messages; images beyond what the family takes are dropped (Fuyu reads one)."""
     messages, seen = [], 0
-    for turn in history:
+    for turn in answered_turns(history):
         if turn["role"] == "assistant":
             messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["text"]}]})
             continue
@@ -316,9 +370,21 @@ def conversation_messages(history: list[dict], family: str) -> list[dict]:
     return messages
 
 
-def conversation_images(history: list[dict], family: str) -> list:
-    images = [image for turn in history if turn["role"] == "user" for image in turn["images"]]
-    return images[: MAX_IMAGES[family]]
+def answered_turns(history: list[dict]) -> list[dict]:
+    """The turns a model reads: a question whose answer failed (a bad upload, an error) is left out with it."""
+    turns = []
+    for turn in history:
+        if turn["role"] == "assistant" and turn.get("failed"):
+            turns = turns[:-1] if turns and turns[-1]["role"] == "user" else turns
+        else:
+            turns.append(turn)
+    return turns
+
+
+def conversation_images(history: list[dict], family: str) -> list[np.ndarray]:
+    """The images the family reads, decoded (each upload once, reused across columns and turns)."""
+    paths = [image for turn in answered_turns(history) if turn["role"] == "user" for image in turn["images"]]
+    return [decode_upload(path) if isinstance(path, str) else path for path in paths[: MAX_IMAGES[family]]]
 
 
 def build_inputs(model, processor, family: str, history: list[dict], settings: Settings) -> tuple[dict, list[int]]:
@@ -445,10 +511,22 @@ def answer_all(message: dict, histories: dict, models: ModelSet, settings: Setti
         yield ({f: chat_display(histories[f]) for f in FAMILIES}, dict.fromkeys(FAMILIES, notice),
                None, histories)  # fmt: skip
         return
+    decoded = []
+    for path in paths:
+        try:
+            decoded.append(decode_upload(path))
+        except (ImageInputError, OSError) as e:  # every column says what is wrong; the bad file is not kept
+            turn = {"role": "user", "text": text, "images": [], "paths": []}
+            reply = {"role": "assistant", "text": f"⚠️ {type(e).__name__}: {upload_error(path, e)}", "failed": True}
+            histories = {f: histories[f] + [turn, reply] for f in FAMILIES}
+            yield ({f: chat_display(histories[f]) for f in FAMILIES}, dict.fromkeys(FAMILIES, "failed"),
+                   None, histories)  # fmt: skip
+            return
     turn = {"role": "user", "text": text, "images": paths, "paths": paths}
     histories = {f: histories[f] + [turn] for f in FAMILIES}
-    first_image = paths[0] if paths else None
-    views = {f: pattern_view(f, models, first_image, settings.qwen_max_visual_tokens) for f in FAMILIES}
+    views = None  # a text-only turn keeps the pictures of the last image
+    if decoded:
+        views = {f: saved_view(pattern_view(f, models, decoded[0], settings.qwen_max_visual_tokens)) for f in FAMILIES}
     answers = {f: Answer() for f in FAMILIES}
     events: queue.Queue = queue.Queue()
 
@@ -489,8 +567,10 @@ def answer_all(message: dict, histories: dict, models: ModelSet, settings: Setti
     for worker in workers:
         worker.join()
     for f in FAMILIES:
-        reply = f"⚠️ {answers[f].error}" if answers[f].error else answers[f].text
-        histories[f] = histories[f] + [{"role": "assistant", "text": reply}]
+        reply = {"role": "assistant", "text": answers[f].text}
+        if answers[f].error:
+            reply = {"role": "assistant", "text": f"⚠️ {answers[f].error}", "failed": True}
+        histories[f] = histories[f] + [reply]
     yield ({f: chat_display(histories[f]) for f in FAMILIES}, {f: answers[f].stats() for f in FAMILIES},
            views, histories)  # fmt: skip
 
@@ -499,10 +579,37 @@ def answer_all(message: dict, histories: dict, models: ModelSet, settings: Setti
 # The page.
 
 
-def build_app(default_set: str = "embedded", device: str | None = None) -> gr.Blocks:
+def hand_over_undecoded(image_input: gr.Image) -> gr.Image:
+    """Make an image input hand over the uploaded file's path without decoding it. Gradio's own preprocessing
+    opens every upload with PIL, so an empty, corrupt or oversized file failed there, before this app could say
+    what is wrong, and every column showed a bare "Error". Decoding, with its checks, is `decode_upload`'s job.
+    (The instance's method is replaced rather than subclassing: Gradio treats a subclass as a custom component
+    with a front end of its own.)"""
+    standard = image_input.preprocess
+
+    def preprocess(payload):
+        if payload is not None and (payload.url or "").startswith("data:"):
+            return standard(payload)  # webcam and clipboard images arrive as data URIs
+        return None if payload is None else payload.path
+
+    image_input.preprocess = preprocess
+    return image_input
+
+
+MODEL_SETS = ("embedded", "hub")
+
+
+def build_app(default_set: str = "embedded", device: str | None = None, model_sets_allowed=None) -> gr.Blocks:
+    """The page. `model_sets_allowed`: the model sets a visitor may pick (default: only `default_set`); the hub
+    set downloads and converts tens of GB on first use, so offering it is the host's decision."""
+    allowed = tuple(model_sets_allowed or (default_set,))
+    if default_set not in allowed or any(name not in MODEL_SETS for name in allowed):
+        raise ValueError(f"Model sets {allowed} must be among {MODEL_SETS} and include the default {default_set!r}")
     model_sets: dict[str, ModelSet] = {}  # created on first use: the hub set converts and downloads
 
     def models_for(name: str) -> ModelSet:
+        if name not in allowed:  # the API takes any string; only the host's choices are served
+            raise gr.Error(f"The model set {name!r} is not offered here (offered: {', '.join(allowed)})")
         if name not in model_sets:
             model_sets[name] = ModelSet(name, device=device)
         return model_sets[name]
@@ -521,20 +628,24 @@ def build_app(default_set: str = "embedded", device: str | None = None) -> gr.Bl
             for family in FAMILIES:
                 with gr.Column(min_width=240):
                     gr.Markdown(f"### {TITLES[family]}")
-                    views[family] = gr.Image(label="how it sees the image", type="pil", height=200, interactive=False,
-                                             elem_id=f"view-{family}")  # fmt: skip
+                    views[family] = gr.Image(label="how it sees the image", type="filepath", height=200,
+                                             interactive=False, elem_id=f"view-{family}")  # fmt: skip
                     chats[family] = gr.Chatbot(label=family, height=300, elem_id=f"chat-{family}")
                     stats[family] = gr.Markdown("", elem_id=f"stats-{family}")
         with gr.Row(equal_height=False):
-            camera = gr.Image(label="image: upload, webcam or paste", sources=["upload", "webcam", "clipboard"],
-                              type="filepath", height=160, scale=1, elem_id="image")  # fmt: skip
+            camera = hand_over_undecoded(
+                gr.Image(label="image: upload, webcam or paste", sources=["upload", "webcam", "clipboard"],
+                         type="filepath", height=160, scale=1, elem_id="image")
+            )  # fmt: skip
             prompt = gr.MultimodalTextbox(
                 placeholder="Ask about the image (more images can be attached here: Qwen2-VL and Flamingo read them all)",
                 file_types=["image"], file_count="multiple", sources=["upload"], elem_id="prompt", scale=3, label="question",
             )  # fmt: skip
         with gr.Row():
             with gr.Accordion("Models and generation settings", open=False):
-                model_set = gr.Dropdown(["embedded", "hub"], value=default_set, label="model set")
+                model_set = gr.Dropdown(
+                    list(allowed), value=default_set, label="model set", interactive=len(allowed) > 1
+                )
                 max_new_tokens = gr.Slider(1, 256, value=16, step=1, label="max new tokens")
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p")
@@ -554,8 +665,9 @@ def build_app(default_set: str = "embedded", device: str | None = None) -> gr.Bl
             message = dict(message or {"text": "", "files": []})
             message["files"] = ([image] if image else []) + list(message.get("files", []))
             settings = Settings(int(max_new), float(temp), float(nucleus), int(qwen_budget))
+            first = True
             for displays, texts, pictures, histories_now in answer_all(message, state, models_for(set_name), settings):
-                pictures = pictures or {}
+                pictures, first = (pictures or {}) if first else {}, False  # the pictures go once per turn
                 yield (*(displays[f] for f in FAMILIES), *(texts[f] for f in FAMILIES),
                        *(pictures.get(f, gr.skip()) for f in FAMILIES), histories_now)  # fmt: skip
 
@@ -592,6 +704,11 @@ def main(argv=None) -> int:
         "converted on first use and cached "
         "(default: %(default)s, or $VLM_PATTERNS_MODELS)",
     )  # fmt: skip
+    parser.add_argument(
+        "--model-sets", nargs="+", choices=MODEL_SETS, default=None,
+        help="the model sets a visitor may pick in the page (default: only the one given by --models); offering "
+        "'hub' lets any visitor start multi-GB downloads",
+    )  # fmt: skip
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 for all (default: %(default)s)"
@@ -610,10 +727,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.smoke_test:
         return smoke_test(ModelSet(args.models, device=args.device))
-    demo = build_app(args.models, args.device)
+    demo = build_app(args.models, args.device, args.model_sets)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
+    # Only the bundled examples are served from outside Gradio's own upload folder (uploads and the pictures):
+    # files there are served inline, so no folder that others write to (like the temporary folder) belongs here.
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft(),
-                allowed_paths=[str(HERE / "examples"), tempfile.gettempdir()])  # fmt: skip
+                allowed_paths=[str(HERE / "examples")])  # fmt: skip
     return 0
 
 

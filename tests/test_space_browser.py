@@ -115,3 +115,65 @@ def test_concurrent_requests_are_queued_and_all_answered(server):
         assert all(chat and chat[-1]["role"] == "assistant" for chat in chats)
         assert all("visual tokens" in s for s in stats)
         assert seconds < 120
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the Space serves: only what it wrote itself, uploads never as inline pages, and only the host's model sets.
+
+
+def test_no_file_outside_what_the_app_wrote_is_served(server):
+    import tempfile
+
+    import httpx
+
+    secret = Path(tempfile.mkdtemp()) / "someone-elses.txt"
+    secret.write_text("private")
+    for path in (secret, Path("/etc/passwd"), SPACE / "app.py"):
+        response = httpx.get(f"{server}gradio_api/file={path}")
+        assert response.status_code == 403, (path, response.status_code)
+    assert httpx.get(f"{server}gradio_api/file={SPACE / 'examples' / 'color-0.png'}").status_code == 200
+
+
+def test_uploaded_pages_are_never_served_inline(server):
+    import httpx
+
+    for name, body in [("page.html", b"<script>alert(1)</script>"), ("drawing.svg", b"<svg onload='alert(1)'/>")]:
+        upload = httpx.post(f"{server}gradio_api/upload", files={"files": (name, body)})
+        assert upload.status_code == 200, upload.text
+        (path,) = upload.json()
+        served = httpx.get(f"{server}gradio_api/file={path}")
+        assert served.status_code == 200 and served.content == body
+        assert "html" not in served.headers["content-type"] and "svg" not in served.headers["content-type"]
+        assert served.headers["content-disposition"].startswith("attachment"), served.headers
+
+
+def test_only_the_hosts_model_sets_are_served(server):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    message = {"text": "How many shapes are there?", "files": []}
+    with pytest.raises(Exception, match="hub|not offered|choices"):
+        client.predict(message, None, "hub", 4, 0.0, 1.0, 32, api_name="/respond")
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "huge"])
+def test_bad_uploads_are_explained_in_every_column(server, tmp_path, kind):
+    import PIL.Image
+    from gradio_client import Client, handle_file
+
+    path = tmp_path / "upload.png"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("just some words, not an image")
+    else:
+        PIL.Image.new("L", (20000, 20000)).save(path, optimize=True)  # 400 MP, a few hundred KB as PNG
+    client = Client(server, verbose=False)
+    result = client.predict({"text": "What is it?", "files": []}, handle_file(str(path)), "embedded", 4, 0.0, 1.0, 32,
+                            api_name="/respond")  # fmt: skip
+    expected = {"empty": "empty", "text": "not a readable image", "huge": "above the limit"}[kind]
+    for chat in result[:4]:
+        reply = chat[-1]["content"]
+        reply = reply if isinstance(reply, str) else str(reply)
+        assert chat[-1]["role"] == "assistant" and expected in reply, chat[-1]
+        assert "/tmp" not in reply and str(tmp_path) not in reply  # no server paths in what visitors read
