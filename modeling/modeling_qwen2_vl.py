@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_qwen2_vl import Qwen2VLPatternConfig
-from .input_checks import check_grid, check_input_ids, check_pixel_values
+from .input_checks import check_attention_mask, check_grid, check_input_ids, check_pixel_values
 from .pattern_pretrained import PatternPreTrainedModel
 from .qwen2_vl_vision import Qwen2VLVisionTower
 from .text_decoder import TextDecoder
@@ -185,6 +185,7 @@ class Qwen2VLPatternModel(Qwen2VLPatternPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
         image_mask, video_mask = self.placeholder_masks(input_ids, inputs_embeds)
         past = cache.get_seq_length() if cache is not None else 0
+        check_attention_mask(attention_mask, *inputs_embeds.shape[:2], past)  # before M-RoPE reads it
 
         if pixel_values is not None:
             if image_grid_thw is None:
