@@ -68,7 +68,8 @@ class FuyuPatternModel(FuyuPatternPreTrainedModel):
     def placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         if input_ids is not None:
             return input_ids == self.config.image_token_id
-        return (inputs_embeds == self.get_input_embeddings().weight[self.config.image_token_id]).all(-1)
+        token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(token)).all(-1)
 
     def forward(
         self,

@@ -110,7 +110,9 @@ class LlavaPatternModel(LlavaPatternPreTrainedModel):
         """Where the `<image>` placeholders are, (B, T) bool; found by embedding when only embeddings are given."""
         if input_ids is not None:
             return input_ids == self.config.image_token_id
-        image_embedding = self.get_input_embeddings().weight[self.config.image_token_id]
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
         return (inputs_embeds == image_embedding).all(-1)
 
     def forward(

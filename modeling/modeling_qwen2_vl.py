@@ -149,11 +149,9 @@ class Qwen2VLPatternModel(Qwen2VLPatternPreTrainedModel):
     def placeholder_masks(self, input_ids, inputs_embeds) -> tuple[torch.Tensor, torch.Tensor]:
         if input_ids is not None:
             return input_ids == self.config.image_token_id, input_ids == self.config.video_token_id
-        table = self.get_input_embeddings().weight
-        return tuple(
-            (inputs_embeds == table[token]).all(-1)
-            for token in (self.config.image_token_id, self.config.video_token_id)
-        )
+        tokens = torch.tensor([self.config.image_token_id, self.config.video_token_id], device=inputs_embeds.device)
+        image_row, video_row = self.get_input_embeddings()(tokens)  # called, not indexed: see VisionEmbeddings
+        return (inputs_embeds == image_row).all(-1), (inputs_embeds == video_row).all(-1)
 
     def forward(
         self,

@@ -6,6 +6,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import logging
 
+from .qwen2_vl_vision import PatchProjection
 from .vision_transformer import VisionEmbeddings
 
 logger = logging.get_logger(__name__)
@@ -19,7 +20,7 @@ class PatternPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     # Blocks that `device_map="auto"` must keep whole on one device (residual adds need both operands there).
-    _no_split_modules = ["DecoderLayer", "VisionEncoderLayer"]
+    _no_split_modules = ["DecoderLayer", "VisionEncoderLayer", "VisionBlock", "GatedCrossAttentionBlock"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     # Auto class -> class name in the family's modeling file, written to config.json's `auto_map` on save, so
     # `trust_remote_code` loading works through AutoModel and AutoModelForImageTextToText alike.
@@ -88,6 +89,8 @@ class PatternPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)  # Linear, Embedding, LayerNorm and RMSNorm
         if isinstance(module, VisionEmbeddings):
             init.normal_(module.class_embedding, std=module.config.hidden_size**-0.5)
+        elif isinstance(module, PatchProjection):
+            init.normal_(module.weight, std=getattr(self.config, "initializer_range", 0.02))
         elif hasattr(module, "compute_inv_freq"):
             # Rotary frequency tables are non-persistent buffers: loading materialises them empty, so recompute.
             init.copy_(module.inv_freq, module.compute_inv_freq())

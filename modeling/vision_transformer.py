@@ -36,7 +36,9 @@ class VisionEmbeddings(nn.Module):
         weight = self.patch_embedding.weight
         patches = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)  # (B, P, D)
         cls = self.class_embedding.to(patches.dtype).expand(B, 1, -1)  # (B, 1, D)
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight  # (B, P + 1, D)
+        # Called, not read as `.weight`: with offloading (accelerate), a module's weights exist only during its call.
+        positions = self.position_embedding(torch.arange(patches.shape[1] + 1, device=patches.device))
+        return torch.cat([cls, patches], dim=1) + positions  # (B, P + 1, D)
 
 
 class VisionAttention(nn.Module):

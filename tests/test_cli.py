@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from conversion import hub
 from conversion.cli import main
@@ -61,11 +62,17 @@ def test_generate_reports_a_bad_image(llava_pair, tmp_path, capsys):
 
 
 def test_model_card_and_push(llava_pair, monkeypatch, tmp_path):
-    _, converted = llava_pair()
+    source, converted = llava_pair()
     card = hub.model_card(converted, "someone/llava-tiny", "llava", source="llava-hf/llava-1.5-7b-hf")
-    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text")
-    assert "base_model:\n- llava-hf/llava-1.5-7b-hf" in card
-    assert 'from_pretrained("someone/llava-tiny", trust_remote_code=True)' in card
+    assert card.data.base_model == "llava-hf/llava-1.5-7b-hf" and card.data.license == "llama2"
+    assert card.data.pipeline_tag == "image-text-to-text" and card.data.library_name == "transformers"
+    assert 'from_pretrained("someone/llava-tiny", trust_remote_code=True)' in card.content
+    assert "pypi.org" not in card.content
+    local = hub.model_card(converted, "someone/llava-tiny", "llava", source=str(source))
+    assert local.data.base_model is None and "huggingface.co/" + str(source) not in local.content
+    assert local.data.license == "other"
+    flamingo = hub.model_card(converted, "someone/idefics", "idefics", source="HuggingFaceM4/idefics-9b-instruct")
+    assert "cross-attention (Flamingo)" in flamingo.content and "The idefics pattern" not in flamingo.content
 
     calls = []
 
@@ -74,8 +81,9 @@ def test_model_card_and_push(llava_pair, monkeypatch, tmp_path):
             calls.append(("create", repo_id, private))
             return f"https://huggingface.co/{repo_id}"
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            calls.append(("upload", repo_id, sorted(p.name for p in folder_path.iterdir())))
+        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
+            files = sorted(p.name for p in folder_path.iterdir() if p.name not in ignore_patterns)
+            calls.append(("upload", repo_id, files))
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     url = hub.push_folder(converted, "someone/llava-tiny", "llava", private=True)
@@ -85,6 +93,33 @@ def test_model_card_and_push(llava_pair, monkeypatch, tmp_path):
     assert {"README.md", "config.json", "model.safetensors", "modeling_llava.py", "processor_config.json"} <= set(
         uploaded
     )
+    assert not any(name.startswith(".vlm-patterns") for name in uploaded)
+
+
+def test_snippet_in_the_card_runs_as_written(llava_pair, monkeypatch):
+    """The card's usage code, with the Hub id pointed at the local folder and the image URL at a local file."""
+    _, converted = llava_pair()
+    code = hub.model_card(converted, "someone/llava-tiny", "llava", source="llava-hf/llava-1.5-7b-hf").content
+    snippet = code.split("```python\n")[1].split("```")[0]
+    example = Path(__file__).resolve().parents[1] / "spaces" / "examples" / "color-0.png"
+    snippet = snippet.replace('"someone/llava-tiny"', repr(str(converted)))
+    snippet = snippet.replace(snippet.split("load_image(")[1].split(")")[0], repr(str(example)))
+    exec(compile(snippet, "model-card", "exec"), {})
+
+
+def test_an_unreachable_hub_is_one_line(llava_pair, monkeypatch, capsys, tmp_path):
+    source, _ = llava_pair()
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    code = main(["convert", "llava", str(source), str(tmp_path / "out"), "--push-to-hub", "someone/x"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: Could not push"), err
+    assert "Traceback" not in err
 
 
 MEMORY_CHILD = textwrap.dedent(
