@@ -10,6 +10,8 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from processing.processing_fuyu import ANSWER_MARK
+
 from .checkpoint_io import read_json, resolve_source
 
 # Largest logit difference accepted per dtype: float32 rounding for fp32, the dtype's own rounding otherwise.
@@ -154,7 +156,9 @@ def verify(
         from transformers import FuyuForCausalLM
 
         reference = FuyuForCausalLM.from_pretrained(source_dir, dtype=dtype).to(device).eval()
-        reference_inputs = fuyu_reference_inputs(source_dir, images[:1], [prompt])
+        # Our chat template ends a generation prompt with the begin-of-answer mark; transformers' FuyuProcessor
+        # takes the plain prompt and adds that token itself.
+        reference_inputs = fuyu_reference_inputs(source_dir, images[:1], [prompt.removesuffix(ANSWER_MARK)])
     elif family == "qwen2_vl":
         from transformers import Qwen2VLForConditionalGeneration
 

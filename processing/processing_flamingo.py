@@ -13,20 +13,28 @@ from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_ops import flatten_images
-from .prompt_text import check_token_rows, prompt_list
+from .prompt_text import TokenRows, prompt_list, split_options, unknown_options
 
 
 def flamingo_chat_template(end_of_utterance: str = "") -> str:
     """IDEFICS-instruct's conversation format: "User: text<image><end_of_utterance>\\nAssistant: ...".
-    Images and text appear in the order of the message's content."""
+    Images and text appear in the order of the message's content. An answer ends with `end_of_utterance`, or
+    without one with the EOS token, and is marked ({% generation %}) for `return_assistant_tokens_mask`."""
+    answer_end = f"'{end_of_utterance}'" if end_of_utterance else "eos_token"
     return (
         "{%- for message in messages -%}"
         "{{ message['role'] | capitalize }}:"
+        "{%- if message['role'] == 'assistant' -%}{% generation %}"
+        "{%- if message['content'] is string -%}{{ ' ' + message['content'] }}"
+        "{%- else -%}{%- for item in message['content'] if 'text' in item -%}{{ ' ' + item['text'] }}{%- endfor -%}"
+        "{%- endif -%}{{ " + answer_end + " }}{% endgeneration %}{{ '\n' }}"
+        "{%- else -%}"
         "{%- if message['content'] is string -%}{{ ' ' + message['content'] }}"
         "{%- else -%}{%- for item in message['content'] -%}"
         "{%- if item['type'] == 'image' -%}{{ '<image>' }}{%- elif 'text' in item -%}{{ ' ' + item['text'] }}"
         "{%- endif -%}{%- endfor -%}{%- endif -%}"
         "{{ '" + end_of_utterance + "\n' }}"
+        "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
     )
@@ -98,10 +106,13 @@ class FlamingoPatternProcessor(ProcessorMixin):
             raise ValueError("Pass the text (with one <image> per image)")
         texts = prompt_list(text)
         per_prompt = self.images_per_prompt(texts, images)
+        text_options, image_options = split_options(kwargs)
         data = {}
         if any(per_prompt):
             flat = [image for row in per_prompt for image in row]
-            pixels = self.image_processor(flat, return_tensors="pt", **kwargs)["pixel_values"]  # (sum I, 3, H, W)
+            pixels = self.image_processor(flat, return_tensors="pt", **image_options)[
+                "pixel_values"
+            ]  # (sum I, 3, H, W)
             most = max(len(row) for row in per_prompt)
             pixel_values = pixels.new_zeros(len(texts), most, *pixels.shape[1:])
             image_mask = torch.zeros(len(texts), most, dtype=torch.bool)
@@ -111,15 +122,14 @@ class FlamingoPatternProcessor(ProcessorMixin):
                 image_mask[b, : len(row)] = True
                 start += len(row)
             data.update(pixel_values=pixel_values, image_mask=image_mask)
-        elif kwargs:
-            raise TypeError(f"Unknown processor options: {sorted(kwargs)}")
+        else:
+            unknown_options(image_options)
         texts = [self.expand_text(t) for t in texts]
         if self.bos_as_text:
             texts = [self.tokenizer.bos_token + t for t in texts]
             add_special_tokens = False
-        token_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-        check_token_rows(token_ids)
-        data.update(self.tokenizer.pad({"input_ids": token_ids}, padding=padding, padding_side=padding_side))
+        rows = TokenRows.encode(self.tokenizer, texts, add_special_tokens=add_special_tokens, **text_options)
+        data.update(rows.pad(self.tokenizer, padding, padding_side))
         return BatchFeature(data, tensor_type=return_tensors)
 
     def images_per_prompt(self, texts: list[str], images) -> list[list]:

@@ -15,17 +15,26 @@ from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_ops import flatten_images
-from .prompt_text import prompt_list
+from .prompt_text import TokenRows, prompt_list, split_options, unknown_options
 
 BOX_OPEN, BOX_CLOSE, POINT_OPEN, POINT_CLOSE, ANSWER = "<0x00>", "<0x01>", "<0x02>", "<0x03>", "<0x04>"
 COORDINATES = re.compile(r"<(box|point)>(.*?)</\1>")
 
-# Fuyu-8B has no chat format: the prompt is the user's text (its image is given separately), newline-terminated.
+# Fuyu-8B has no chat format: the prompt is the user's text (its image is given separately), newline-terminated,
+# and the model answers after its begin-of-answer token. The template writes ANSWER_MARK (the character \x04, that
+# token's byte) before each answer, marked ({% generation %}) for `return_assistant_tokens_mask`, and at the end for
+# a generation prompt; the processor turns each mark into the begin-of-answer token (a prompt without any mark,
+# written by hand, gets one at its end).
+ANSWER_MARK = "\x04"
 FUYU_CHAT_TEMPLATE = (
-    "{%- for message in messages if message['role'] == 'user' -%}"
-    "{{ message['content'] if message['content'] is string else "
-    "message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}{{ '\n' }}"
+    "{%- for message in messages -%}"
+    "{%- set text = message['content'] if message['content'] is string else "
+    "message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- if message['role'] == 'user' -%}{{ text + '\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '\x04' }}{% generation %}{{ text + eos_token }}{% endgeneration %}"
+    "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\x04' }}{%- endif -%}"
 )
 
 
@@ -63,10 +72,21 @@ class FuyuPatternProcessor(ProcessorMixin):
 
     def encode_text(self, text: str, scale: float) -> list[int]:
         """Prompt text -> token ids, with `<box>`/`<point>` coordinates turned into Fuyu's coordinate tokens."""
-        ids, cursor = [], 0
+        return self.encode_text_with_spans(text, scale)[0]
+
+    def encode_text_with_spans(self, text: str, scale: float, start: int = 0) -> tuple[list[int], list[tuple]]:
+        """`encode_text`, and each token's character span in the text (shifted by `start`): a coordinate token
+        spans its whole `<box>...</box>`."""
+        ids, spans, cursor = [], [], 0
+
+        def plain(begin: int, end: int) -> None:
+            encoded = self.tokenizer(text[begin:end], add_special_tokens=False, return_offsets_mapping=True)
+            ids.extend(encoded["input_ids"])
+            spans.extend((start + begin + a, start + begin + b) for a, b in encoded["offset_mapping"])
+
         for match in COORDINATES.finditer(text):
             if match.start() > cursor:
-                ids += self.tokenizer(text[cursor : match.start()], add_special_tokens=False)["input_ids"]
+                plain(cursor, match.start())
             values = [float(v) for v in match.group(2).split(",")]
             kind = match.group(1)
             if len(values) != (4 if kind == "box" else 2):
@@ -75,12 +95,32 @@ class FuyuPatternProcessor(ProcessorMixin):
                 )
             opening, closing = (BOX_OPEN, BOX_CLOSE) if kind == "box" else (POINT_OPEN, POINT_CLOSE)
             scaled = np.round(np.array(values) / 2 * scale).astype(int)  # the model counts in half pixels of its input
-            ids += [self.tokenizer.convert_tokens_to_ids(opening), *(self._coordinate_token(int(v)) for v in scaled)]
-            ids.append(self.tokenizer.convert_tokens_to_ids(closing))
+            tagged = [self.tokenizer.convert_tokens_to_ids(opening), *(self._coordinate_token(int(v)) for v in scaled)]
+            tagged.append(self.tokenizer.convert_tokens_to_ids(closing))
+            ids.extend(tagged)
+            spans.extend([(start + match.start(), start + match.end())] * len(tagged))
             cursor = match.end()
         if cursor < len(text):
-            ids += self.tokenizer(text[cursor:], add_special_tokens=False)["input_ids"]
-        return ids
+            plain(cursor, len(text))
+        return ids, spans
+
+    def encode_prompt(self, prompt: str, scale: float) -> tuple[list[int], list[tuple]]:
+        """A prompt (after the image stream): BOS, the text, and the begin-of-answer token at each ANSWER_MARK,
+        or at the end of a prompt that has none; with each token's character span."""
+        ids, spans = [self.tokenizer.bos_token_id], [(0, 0)]
+        start = 0
+        for k, piece in enumerate(prompt.split(ANSWER_MARK)):
+            if k:
+                ids.append(self.answer_token_id)
+                spans.append((start - 1, start))  # the mark's own character
+            piece_ids, piece_spans = self.encode_text_with_spans(piece, scale, start)
+            ids += piece_ids
+            spans += piece_spans
+            start += len(piece) + 1
+        if ANSWER_MARK not in prompt:
+            ids.append(self.answer_token_id)
+            spans.append((0, 0))
+        return ids, spans
 
     def decode_coordinates(self, token_ids, scale: float) -> str:
         """Generated ids -> text, coordinate tokens written back as `<box>y1, x1, y2, x2</box>` / `<point>x, y</point>`
@@ -134,26 +174,27 @@ class FuyuPatternProcessor(ProcessorMixin):
         texts = prompt_list(text) if text is not None else None
         per_prompt = self._images_per_prompt(images, texts)
         flat = [image for image in per_prompt if image is not None]
-        data = dict(self.image_processor(flat, return_tensors=None, **kwargs)) if flat else {}
-        if kwargs and not flat:
-            raise TypeError(f"Unknown processor options: {sorted(kwargs)}")
+        text_options, image_options = split_options(kwargs)
+        data = dict(self.image_processor(flat, return_tensors=None, **image_options)) if flat else {}
+        if not flat:
+            unknown_options(image_options)
+        unknown_options(
+            text_options, {"return_offsets_mapping", "return_text_replacement_offsets", "add_special_tokens"}
+        )
         if texts is not None:
             grids = iter(data.get("image_patch_grid", torch.empty(0, 2)).tolist())
             scales = iter(data.get("image_scale_factors", torch.empty(0)).tolist())
-            streams = []
+            streams, all_spans = [], []
             for prompt, image in zip(texts, per_prompt, strict=True):
                 stream, scale = [], 1.0
                 if image is not None:
                     stream += self.image_stream(*next(grids))
                     scale = next(scales)
-                stream += [self.tokenizer.bos_token_id, *self.encode_text(prompt, scale), self.answer_token_id]
-                streams.append(stream)
-            pad_id = self.tokenizer.pad_token_id
-            self.tokenizer.pad_token_id = self.pad_token_id
-            try:
-                data.update(self.tokenizer.pad({"input_ids": streams}, padding=padding, padding_side=padding_side))
-            finally:
-                self.tokenizer.pad_token_id = pad_id
+                ids, spans = self.encode_prompt(prompt, scale)
+                streams.append(stream + ids)
+                all_spans.append([(0, 0)] * len(stream) + spans)
+            rows = TokenRows(streams, all_spans if text_options.get("return_offsets_mapping") else None)
+            data.update(rows.pad(self.tokenizer, padding, padding_side, pad_token_id=self.pad_token_id))
         return BatchFeature(data, tensor_type=return_tensors)
 
     @staticmethod
@@ -177,9 +218,12 @@ class FuyuPatternProcessor(ProcessorMixin):
     # Answers
 
     def answer_ids(self, sequence) -> list[int]:
-        """The generated part of one sequence: what follows the begin-of-answer token."""
+        """The generated part of one sequence: what follows the last begin-of-answer token of the prompt (a chat
+        holds one per earlier answer too)."""
         sequence = list(sequence)
-        return sequence[sequence.index(self.answer_token_id) + 1 :] if self.answer_token_id in sequence else sequence
+        if self.answer_token_id not in sequence:
+            return sequence
+        return sequence[len(sequence) - sequence[::-1].index(self.answer_token_id) :]
 
     def post_process_image_text_to_text(self, generated_ids, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         return [

@@ -2,14 +2,14 @@
 tokens as the model will fill with projected features (576 for LLaVA-1.5).
 """
 
-import numpy as np
 from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_ops import flatten_images
-from .prompt_text import check_token_rows, prompt_list
+from .prompt_text import TokenRows, prompt_list, split_options, unknown_options
 
-# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ...</s>"), images before the text of a turn.
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ...</s>"), images before the text of a turn. The
+# answers are marked ({% generation %}) for `return_assistant_tokens_mask`.
 LLAVA_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- set text = message['content'] if message['content'] is string else "
@@ -20,17 +20,12 @@ LLAVA_CHAT_TEMPLATE = (
     "{%- if message['content'] is not string -%}"
     "{%- for item in message['content'] if item['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
     "{%- endif -%}"
-    "{{ text }}{{ eos_token if message['role'] == 'assistant' else ' ' }}"
+    "{%- if message['role'] == 'assistant' -%}{% generation %}{{ text + eos_token }}{% endgeneration %}"
+    "{%- else -%}{{ text + ' ' }}{%- endif -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
-
-
-def expand_placeholders(token_ids: list[int], placeholder_id: int, count: int) -> list[int]:
-    """Repeat every `placeholder_id` in `token_ids` `count` times."""
-    ids = np.asarray(token_ids, dtype=np.int64)
-    return np.repeat(ids, np.where(ids == placeholder_id, count, 1)).tolist()
 
 
 class LlavaPatternProcessor(ProcessorMixin):
@@ -88,19 +83,19 @@ class LlavaPatternProcessor(ProcessorMixin):
         if images is None and text is None:
             raise ValueError("Pass images, text, or both")
         data = {}
+        text_options, image_options = split_options(kwargs)
         flat_images = flatten_images(images)
         if flat_images:
-            data.update(self.image_processor(flat_images, return_tensors=None, **kwargs))
-        elif kwargs:
-            raise TypeError(f"Unknown processor options: {sorted(kwargs)}")
+            data.update(self.image_processor(flat_images, return_tensors=None, **image_options))
+        else:
+            unknown_options(image_options)
         if text is not None:
             texts = prompt_list(text)
             self.check_image_counts(texts, images, len(flat_images))
-            token_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-            check_token_rows(token_ids)
-            token_ids = [expand_placeholders(ids, self.image_token_id, self.image_seq_length) for ids in token_ids]
-            pad_kwargs = {"padding_side": padding_side} if padding_side is not None else {}
-            data.update(self.tokenizer.pad({"input_ids": token_ids}, padding=padding, **pad_kwargs))
+            rows = TokenRows.encode(self.tokenizer, texts, add_special_tokens=add_special_tokens, **text_options)
+            for row in range(len(texts)):
+                rows.expand(row, self.image_token_id, self.image_seq_length)
+            data.update(rows.pad(self.tokenizer, padding, padding_side))
         return BatchFeature(data, tensor_type=return_tensors)
 
     def check_image_counts(self, texts: list[str], images, num_images: int) -> None:

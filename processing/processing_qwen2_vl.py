@@ -7,9 +7,10 @@ from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_ops import flatten_images
-from .prompt_text import check_token_rows, prompt_list, unknown_options
+from .prompt_text import TokenRows, prompt_list, unknown_options
 
-# Qwen's ChatML: a default system turn, images and videos wrapped in vision start/end tokens where they occur.
+# Qwen's ChatML: a default system turn, images and videos wrapped in vision start/end tokens where they occur, the
+# answers marked ({% generation %}) for `return_assistant_tokens_mask`.
 QWEN2_VL_CHAT_TEMPLATE = (
     "{%- set counts = namespace(image=0, video=0) -%}"
     "{%- for message in messages -%}"
@@ -17,7 +18,11 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
     "{%- endif -%}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- if message['role'] == 'assistant' -%}{% generation %}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+    "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') }}{%- endif -%}"
+    "{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- elif message['content'] is string -%}{{ message['content'] + '<|im_end|>\n' }}"
     "{%- else -%}{%- for item in message['content'] -%}"
     "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}"
     "{%- set counts.image = counts.image + 1 -%}"
@@ -28,19 +33,10 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{%- if add_vision_id -%}{{ 'Video ' ~ counts.video ~ ': ' }}{%- endif -%}"
     "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{%- elif 'text' in item -%}{{ item['text'] }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\n' }}"
+    "{%- endif -%}{%- endfor -%}{{ '<|im_end|>\n' }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
 )
-
-
-def expand_placeholders(token_ids: list[int], placeholder_id: int, counts: list[int]) -> list[int]:
-    """Repeat the k-th `placeholder_id` in `token_ids` `counts[k]` times."""
-    ids = np.asarray(token_ids, dtype=np.int64)
-    repeats = np.ones(len(ids), dtype=np.int64)
-    repeats[ids == placeholder_id] = counts
-    return np.repeat(ids, repeats).tolist()
 
 
 class Qwen2VLPatternProcessor(ProcessorMixin):
@@ -97,15 +93,12 @@ class Qwen2VLPatternProcessor(ProcessorMixin):
                 texts, self.image_token, data.get("image_grid_thw"), len(flat_images)
             )
             video_counts = self._placeholder_counts(texts, self.video_token, data.get("video_grid_thw"), len(clips))
-            token_ids = self.tokenizer(texts, **kwargs)["input_ids"]
-            check_token_rows(token_ids)
-            expanded = []
-            for ids, n_images, n_videos in zip(token_ids, *self._per_prompt(texts), strict=True):
-                ids = expand_placeholders(ids, self.image_token_id, image_counts[:n_images])
-                ids = expand_placeholders(ids, self.video_token_id, video_counts[:n_videos])
+            rows = TokenRows.encode(self.tokenizer, texts, **kwargs)
+            for row, (n_images, n_videos) in enumerate(zip(*self._per_prompt(texts), strict=True)):
+                rows.expand(row, self.image_token_id, image_counts[:n_images])
+                rows.expand(row, self.video_token_id, video_counts[:n_videos])
                 image_counts, video_counts = image_counts[n_images:], video_counts[n_videos:]
-                expanded.append(ids)
-            data.update(self.tokenizer.pad({"input_ids": expanded}, padding=padding, padding_side=padding_side))
+            data.update(rows.pad(self.tokenizer, padding, padding_side))
             if return_mm_token_type_ids:
                 ids = torch.as_tensor(data["input_ids"])
                 data["mm_token_type_ids"] = (ids == self.image_token_id).long() + 2 * (
