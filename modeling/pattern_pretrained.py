@@ -6,7 +6,6 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import logging
 
-from .qwen2_vl_vision import PatchProjection
 from .vision_transformer import VisionEmbeddings
 
 logger = logging.get_logger(__name__)
@@ -89,8 +88,6 @@ class PatternPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)  # Linear, Embedding, LayerNorm and RMSNorm
         if isinstance(module, VisionEmbeddings):
             init.normal_(module.class_embedding, std=module.config.hidden_size**-0.5)
-        elif isinstance(module, PatchProjection):
-            init.normal_(module.weight, std=getattr(self.config, "initializer_range", 0.02))
         elif hasattr(module, "compute_inv_freq"):
             # Rotary frequency tables are non-persistent buffers: loading materialises them empty, so recompute.
             init.copy_(module.inv_freq, module.compute_inv_freq())

@@ -106,14 +106,10 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.window))  # (N, D) -> (N / m^2, D_text)
 
 
-class PatchProjection(nn.Module):
-    """The checkpoint's Conv3d weight (D, C, T, P, P) applied as what it is here, a matrix product: the kernel
-    equals the stride and each row of `pixel_values` is exactly one flattened patch. Its own module, so that
-    offloading (accelerate), which brings a module's weights in for its call, sees the weight used."""
-
-    def __init__(self, in_channels: int, embed_dim: int, kernel: tuple[int, int, int]):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(embed_dim, in_channels, *kernel))
+class PatchProjection(nn.Conv3d):
+    """The checkpoint's Conv3d, applied as what it is here, a matrix product: the kernel equals the stride and each
+    row of `pixel_values` is exactly one flattened patch. Done in the module's own call (not by reading its weight
+    from outside), so offloading (accelerate), which brings a module's weights in for its call, sees the use."""
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return F.linear(pixel_values.to(self.weight.dtype), self.weight.flatten(1))  # (N, C*T*P*P) -> (N, D)
@@ -123,7 +119,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, config: Qwen2VLVisionTowerConfig):
         super().__init__()
         kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
-        self.proj = PatchProjection(config.in_channels, config.embed_dim, kernel)
+        self.proj = PatchProjection(config.in_channels, config.embed_dim, kernel, stride=kernel, bias=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.proj(pixel_values)

@@ -105,3 +105,43 @@ def test_disk_offload_answers_as_a_plain_load(family):
             torch.testing.assert_close(offloaded(**inputs).logits, plain(**inputs).logits, rtol=0, atol=1e-5)
         tokens = offloaded.generate(**inputs, max_new_tokens=6, do_sample=False)
         assert torch.equal(tokens, plain.generate(**inputs, max_new_tokens=6, do_sample=False))
+
+
+def conversation(question: str, answer: str, image) -> list[dict]:
+    return [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_assistant_masks_cover_exactly_the_answers(family):
+    """`apply_chat_template(..., return_assistant_tokens_mask=True)`, as TRL's SFT calls it: the mask covers the
+    answer and the family's end token, nothing of the question, the image or the padding; batched and multi-turn."""
+    import PIL.Image
+
+    _, processor = load(family)
+    tokenizer = processor.tokenizer
+    image = PIL.Image.open(EXAMPLES / "color-0.png")
+    batch = [conversation("What color is the square?", "green", image),
+             conversation("Is the green triangle left or right of the yellow circle?", "left of", image)]  # fmt: skip
+    out = processor.apply_chat_template(batch, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                        return_tensors="pt", processor_kwargs={"padding_side": "left"})  # fmt: skip
+    masks = torch.as_tensor(out["assistant_masks"]).bool()
+    assert masks.shape == out["input_ids"].shape and "offset_mapping" not in out
+    for row, answer in enumerate(["green", "left of"]):
+        expected = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert out["input_ids"][row][masks[row]].tolist() == expected
+        assert not masks[row][out["attention_mask"][row] == 0].any()
+
+    two_turns = conversation("What color is the square?", "green", image) + [
+        {"role": "user", "content": [{"type": "text", "text": "How many shapes are there?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "one"}]},
+    ]
+    out = processor.apply_chat_template(two_turns, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = torch.as_tensor(out["input_ids"])[0]
+    marked = ids[torch.as_tensor(out["assistant_masks"])[0].bool()].tolist()
+    eos = tokenizer.eos_token_id
+    assert marked == tokenizer("green", add_special_tokens=False)["input_ids"] + [eos] + tokenizer(
+        "one", add_special_tokens=False
+    )["input_ids"] + [eos]

@@ -61,3 +61,56 @@ def test_assembled_space_runs_on_its_own(tmp_path):
                             cwd=tmp_path, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert result.stdout.count("visual tokens") == 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_code_is_the_repositorys(family):
+    """The code `trust_remote_code` loads from a shipped checkpoint is today's: refresh with `python -m training.ship`."""
+    folder = CHECKPOINTS / family
+    shipped = sorted(folder.glob("*.py"))
+    assert any(p.name == f"modeling_{family}.py" for p in shipped) and any(
+        p.name == f"processing_{family}.py" for p in shipped
+    )
+    for path in shipped:
+        source = next(p for p in (ROOT / "modeling" / path.name, ROOT / "processing" / path.name) if p.exists())
+        assert path.read_bytes() == source.read_bytes(), f"{path} is stale: run python -m training.ship"
+    from transformers import AutoProcessor
+
+    import modeling  # noqa: F401
+    from training.families import build_processor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    assert processor.chat_template == build_processor(family, processor.tokenizer).chat_template
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == f"modeling_{family}.{config['architectures'][0]}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_checkpoint_answers_through_trust_remote_code(family, tmp_path):
+    """A fresh interpreter that cannot import this project loads and runs the shipped folder as it is."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tests.test_remote_code import CHILD
+
+    image_path = ROOT / "spaces" / "examples" / "color-0.png"
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
+    result = subprocess.run(
+        [sys.executable, str(child), str(CHECKPOINTS / family), str(image_path), str(tmp_path / "out.pt")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["model_module"].startswith("transformers_modules.")
+    model = AutoModelForImageTextToText.from_pretrained(CHECKPOINTS / family).eval()
+    processor = AutoProcessor.from_pretrained(CHECKPOINTS / family)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=Image.open(image_path), text=prompt)
+    out = torch.load(tmp_path / "out.pt")
+    assert torch.equal(out["input_ids"], inputs["input_ids"])
+    assert torch.equal(out["tokens"], model.generate(**inputs, max_new_tokens=6, do_sample=False))

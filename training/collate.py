@@ -1,10 +1,18 @@
-"""Examples -> model inputs: each family's own chat format and processor, then the answer appended as targets.
+"""Examples -> model inputs: each family's own chat format and processor.
 
-Prompts are left-padded by the processor; the answer tokens and the family's end token follow each prompt, and
-only they carry labels (the question, the image placeholders and the padding are -100).
+For training, each example is a two-turn conversation (the question with its images, then the answer) rendered by
+the family's chat template and tokenized by its processor with `return_assistant_tokens_mask=True`, the way TRL's
+SFT and most fine-tuning scripts mask the prompt: only the answer tokens (the template's `{% generation %}` part,
+the answer and the family's end token) carry labels; the question, the image placeholders and the padding are
+-100. Without answers (evaluation, generation) the prompt ends with the template's generation prompt.
 """
 
 import torch
+
+
+def user_turn(question: str, images: list) -> dict:
+    return {"role": "user", "content": [{"type": "image", "image": image} for image in images]
+            + [{"type": "text", "text": question}]}  # fmt: skip
 
 
 def prompt_text(processor, question: str, num_images: int) -> str:
@@ -23,33 +31,24 @@ class VQACollator:
 
     def __init__(self, processor, family: str, with_answers: bool = True):
         self.processor, self.family, self.with_answers = processor, family, with_answers
-        tokenizer = processor.tokenizer
-        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-
-    def answer_ids(self, answer: str) -> list[int]:
-        # A leading space keeps word-level tokenization identical to the answer's place in a full sentence.
-        return self.processor.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
 
     def __call__(self, examples: list[dict]) -> dict:
-        prompts = [prompt_text(self.processor, e["question"], len(e["images"])) for e in examples]
-        inputs = dict(
-            self.processor(
-                images=images_argument(self.family, [e["images"] for e in examples]), text=prompts, padding_side="left"
-            )
-        )
-        inputs.pop("image_patch_grid", None), inputs.pop("image_sizes", None), inputs.pop("image_scale_factors", None)
         if not self.with_answers:
-            return inputs
-        answers = [self.answer_ids(e["answer"]) for e in examples]
-        longest = max(map(len, answers))
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        tail = torch.full((len(examples), longest), self.pad_id, dtype=ids.dtype)
-        tail_mask = torch.zeros(len(examples), longest, dtype=mask.dtype)
-        for row, answer in enumerate(answers):
-            tail[row, : len(answer)] = torch.tensor(answer)
-            tail_mask[row, : len(answer)] = 1
-        labels = torch.cat([torch.full_like(ids, -100), tail.masked_fill(tail_mask == 0, -100)], dim=1)
-        inputs.update(
-            input_ids=torch.cat([ids, tail], 1), attention_mask=torch.cat([mask, tail_mask], 1), labels=labels
-        )
+            prompts = [prompt_text(self.processor, e["question"], len(e["images"])) for e in examples]
+            images = images_argument(self.family, [e["images"] for e in examples])
+            inputs = dict(self.processor(images=images, text=prompts, padding_side="left"))
+        else:
+            conversations = [
+                [user_turn(e["question"], e["images"]), {"role": "assistant", "content": e["answer"]}] for e in examples
+            ]
+            inputs = dict(
+                self.processor.apply_chat_template(
+                    conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                    return_tensors="pt", processor_kwargs={"padding_side": "left"},
+                )
+            )  # fmt: skip
+            answer = torch.as_tensor(inputs.pop("assistant_masks")).bool()
+            inputs["labels"] = inputs["input_ids"].masked_fill(~answer, -100)
+        for key in ("image_patch_grid", "image_sizes", "image_scale_factors"):
+            inputs.pop(key, None)
         return inputs
