@@ -78,6 +78,31 @@ def checkpoint_keys(folder: Path) -> list[str]:
     return keys
 
 
+# Where a source folder keeps its image and video processor settings: transformers 5.x nests them in
+# processor_config.json; the Hub's historical folders have one file each.
+LEGACY_PROCESSOR_FILES = {
+    "image_processor": "preprocessor_config.json",
+    "video_processor": "video_preprocessor_config.json",
+}
+
+
+def source_processor_config(folder: Path, key: str = "image_processor", required: bool = True) -> dict | None:
+    """The source's image (or video) processor settings, from processor_config.json (as transformers 5.x saves
+    them) or from the historical preprocessor_config.json / video_preprocessor_config.json."""
+    if (folder / "processor_config.json").exists():
+        nested = read_json(folder / "processor_config.json").get(key)
+        if nested:
+            return nested
+    legacy = folder / LEGACY_PROCESSOR_FILES[key]
+    if legacy.exists():
+        return read_json(legacy)
+    if required:
+        raise FileNotFoundError(
+            f"No {key.replace('_', ' ')} settings in {folder} (processor_config.json or {legacy.name})"
+        )
+    return None
+
+
 class CorruptCheckpointError(ValueError):
     """A weight file that cannot be read: truncated, corrupt, or not a checkpoint at all."""
 

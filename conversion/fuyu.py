@@ -15,7 +15,15 @@ from transformers import AutoTokenizer, GenerationConfig
 from modeling import FuyuPatternConfig, FuyuPatternForConditionalGeneration
 from processing import FuyuPatternImageProcessor, FuyuPatternProcessor
 
-from .checkpoint_io import ShardWriter, atomic_output_dir, check_output, read_json, resolve_source, weight_files
+from .checkpoint_io import (
+    ShardWriter,
+    atomic_output_dir,
+    check_output,
+    read_json,
+    resolve_source,
+    source_processor_config,
+    weight_files,
+)
 from .key_mapping import Gather, KeyMap, Split
 from .llava import _source_tensors, _write_weights
 from .model_files import meta_model, write_model_files
@@ -152,7 +160,7 @@ def config_to_hub(config: FuyuPatternConfig) -> dict:
 
 
 def image_processor_from_source(folder: Path) -> FuyuPatternImageProcessor:
-    source = read_json(folder / "preprocessor_config.json")
+    source = source_processor_config(folder, "image_processor")
     keys = [
         "size",
         "patch_size",

@@ -21,6 +21,7 @@ from modeling import LlavaPatternConfig, LlavaPatternForConditionalGeneration
 from processing import LlavaPatternImageProcessor, LlavaPatternProcessor
 from processing.processing_llava import LLAVA_CHAT_TEMPLATE
 
+from .chat_templates import choose_chat_template
 from .checkpoint_io import (
     ShardWriter,
     atomic_output_dir,
@@ -29,6 +30,7 @@ from .checkpoint_io import (
     iter_shard,
     read_json,
     resolve_source,
+    source_processor_config,
     weight_files,
 )
 from .key_mapping import KeyMap, check_against
@@ -185,15 +187,7 @@ def _image_processor_from_json(image_config: dict, **overrides) -> LlavaPatternI
 
 
 def _source_image_config(folder: Path) -> dict:
-    if (folder / "processor_config.json").exists():
-        nested = read_json(folder / "processor_config.json").get("image_processor")
-        if nested:
-            return nested
-    if (folder / "preprocessor_config.json").exists():
-        return read_json(folder / "preprocessor_config.json")
-    raise FileNotFoundError(
-        f"No image processor config (processor_config.json or preprocessor_config.json) in {folder}"
-    )
+    return source_processor_config(folder, "image_processor")
 
 
 def _source_chat_template(folder: Path) -> str | None:
@@ -220,7 +214,7 @@ def build_processor(
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's class token
         image_token=image_token,
-        chat_template=chat_template or LLAVA_CHAT_TEMPLATE,
+        chat_template=choose_chat_template(chat_template, LLAVA_CHAT_TEMPLATE, tokenizer.special_tokens_map),
     )
 
 

@@ -15,7 +15,16 @@ from modeling import Qwen2VLPatternConfig, Qwen2VLPatternForConditionalGeneratio
 from processing import Qwen2VLPatternImageProcessor, Qwen2VLPatternProcessor
 from processing.processing_qwen2_vl import QWEN2_VL_CHAT_TEMPLATE
 
-from .checkpoint_io import ShardWriter, atomic_output_dir, check_output, read_json, resolve_source, weight_files
+from .chat_templates import choose_chat_template
+from .checkpoint_io import (
+    ShardWriter,
+    atomic_output_dir,
+    check_output,
+    read_json,
+    resolve_source,
+    source_processor_config,
+    weight_files,
+)
 from .key_mapping import KeyMap
 from .llava import _source_tensors, _write_weights
 from .model_files import meta_model, write_model_files
@@ -117,22 +126,21 @@ def _pixel_budget(processor_config: dict) -> tuple[int, int]:
 
 def image_processor_from_source(folder: Path) -> Qwen2VLPatternImageProcessor:
     """Our image processor with the source's pixel budgets (images and, if present, video frames)."""
-    image_config = read_json(folder / "preprocessor_config.json")
+    image_config = source_processor_config(folder, "image_processor")
     options = {k: image_config[k] for k in PROCESSOR_KEYS if k in image_config}
     options["min_pixels"], options["max_pixels"] = _pixel_budget(image_config)
-    if (folder / "video_preprocessor_config.json").exists():
-        options["video_min_pixels"], options["video_max_pixels"] = _pixel_budget(
-            read_json(folder / "video_preprocessor_config.json")
-        )
+    video_config = source_processor_config(folder, "video_processor", required=False)
+    if video_config:
+        options["video_min_pixels"], options["video_max_pixels"] = _pixel_budget(video_config)
     return Qwen2VLPatternImageProcessor(**options)
 
 
-def _chat_template(folder: Path) -> str:
+def _chat_template(folder: Path) -> str | None:
     if (folder / "chat_template.jinja").exists():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if (folder / "chat_template.json").exists():
         return read_json(folder / "chat_template.json")["chat_template"]
-    return read_json(folder / "tokenizer_config.json").get("chat_template") or QWEN2_VL_CHAT_TEMPLATE
+    return read_json(folder / "tokenizer_config.json").get("chat_template")
 
 
 def convert_qwen2_vl(
@@ -152,10 +160,13 @@ def convert_qwen2_vl(
     config = config_from_hub(hub_config)
     config.dtype = dtype or hub_config.get("dtype") or hub_config.get("torch_dtype")
     model = meta_model(Qwen2VLPatternForConditionalGeneration, config)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     processor = Qwen2VLPatternProcessor(
         image_processor=image_processor_from_source(folder),
-        tokenizer=AutoTokenizer.from_pretrained(folder),
-        chat_template=_chat_template(folder),
+        tokenizer=tokenizer,
+        chat_template=choose_chat_template(
+            _chat_template(folder), QWEN2_VL_CHAT_TEMPLATE, tokenizer.special_tokens_map
+        ),
     )
     generation_config = (
         GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").exists() else None

@@ -1,6 +1,7 @@
 """The conversion framework (rules, strict checks, shards, atomic output) and LLaVA export round trips."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,3 +304,56 @@ def test_openflamingo_variant_cannot_export_to_idefics(tmp_path):
     with pytest.raises(NotImplementedError, match="IDEFICS"):
         export_idefics(converted, tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Both ways a source folder keeps its processor settings: the Hub's historical preprocessor_config.json and
+# transformers 5.x's processor_config.json with the image (and video) processor nested inside.
+
+
+def swap_processor_layout(source: Path, folder: Path) -> Path:
+    """A copy of `source` with its processor settings in the other layout."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    legacy = {"image_processor": folder / "preprocessor_config.json",
+              "video_processor": folder / "video_preprocessor_config.json"}  # fmt: skip
+    combined = folder / "processor_config.json"
+    nested = json.loads(combined.read_text()) if combined.exists() else {}
+    if any(key in nested for key in legacy):  # 5.x -> historical
+        for key, path in legacy.items():
+            if key in nested:
+                path.write_text(json.dumps(nested.pop(key)))
+        combined.write_text(json.dumps(nested))
+    else:  # historical -> 5.x, as transformers 5.24's processor save_pretrained writes it
+        for key, path in legacy.items():
+            if path.exists():
+                nested[key] = json.loads(path.read_text())
+                path.unlink()
+        combined.write_text(json.dumps(nested))
+    return folder
+
+
+@pytest.mark.parametrize("fixture", ["llava_pair", "qwen2_vl_pair", "fuyu_pair", "idefics_pair"])
+def test_both_processor_layouts_convert_alike(fixture, request, tmp_path):
+    from transformers import AutoProcessor
+
+    from conversion.cli import CONVERTERS
+
+    source, converted = request.getfixturevalue(fixture)()
+    family = {"llava_pair": "llava", "qwen2_vl_pair": "qwen2_vl", "fuyu_pair": "fuyu", "idefics_pair": "idefics"}[
+        fixture
+    ]
+    other = swap_processor_layout(source, tmp_path / "other-layout")
+    assert (other / "preprocessor_config.json").exists() != (source / "preprocessor_config.json").exists()
+    again = CONVERTERS[family](other, tmp_path / "converted")
+    image = photo_like_image(90, 70)
+    first, second = AutoProcessor.from_pretrained(converted), AutoProcessor.from_pretrained(again)
+    assert first.image_processor.to_dict() == second.image_processor.to_dict()
+    text = first.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        add_generation_prompt=True,
+    )
+    images = image if family == "fuyu" else [[image]]
+    a, b = first(images=images, text=text), second(images=images, text=text)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

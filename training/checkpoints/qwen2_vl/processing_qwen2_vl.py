@@ -66,7 +66,7 @@ class Qwen2VLPatternProcessor(ProcessorMixin):
         return_tensors: str | None = "pt",
         padding: bool | str = True,
         padding_side: str = "left",
-        return_mm_token_type_ids: bool = False,
+        return_mm_token_type_ids: bool = True,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         **kwargs,
@@ -75,7 +75,8 @@ class Qwen2VLPatternProcessor(ProcessorMixin):
 
         images: flat, or one list per prompt. videos: a list of frames per video (or a (F, H, W, C) array).
         Batches are left-padded by default, as batched generation needs. min_pixels / max_pixels set this call's
-        pixel budget. `return_mm_token_type_ids` adds the 0/1/2 (text/image/video) map transformers' model reads.
+        pixel budget. `mm_token_type_ids`, the 0/1/2 (text/image/video) map transformers' model reads, comes by
+        default, as from transformers' Qwen2VLProcessor (`return_mm_token_type_ids=False` leaves it out).
         """
         if audio is not None:
             raise ValueError("Qwen2-VL takes images, videos and text")
@@ -136,6 +137,7 @@ class Qwen2VLPatternProcessor(ProcessorMixin):
         return [
             "input_ids",
             "attention_mask",
+            "mm_token_type_ids",
             "pixel_values",
             "image_grid_thw",
             "pixel_values_videos",
