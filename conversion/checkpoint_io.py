@@ -19,6 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+# transformers' and huggingface_hub's default shard size, "5GB" (decimal gigabytes).
+DEFAULT_SHARD_BYTES = 5_000_000_000
+
 # The files a conversion reads from a Hub repository (weights, configs, tokenizer and processor files).
 SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
 
@@ -139,7 +142,7 @@ def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 class ShardWriter:
     """Accumulates tensors and writes `model-XXXXX-of-YYYYY.safetensors` shards plus their index."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 1024**3):
+    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.folder = folder
         self.max_shard_bytes = max_shard_bytes
         self.pending: dict[str, torch.Tensor] = {}

@@ -25,18 +25,29 @@ EXPORTERS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _size(text: str) -> int:
-    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+def shard_size(text: str) -> int:
+    """Bytes, read as transformers and huggingface_hub read a shard size: "5GB" is 5 * 10^9, "2GiB" 2 * 2^30,
+    "500MB" 5 * 10^8; a plain number is bytes."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        size = convert_file_size_to_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: write a number and a unit, e.g. 5GB or 2GiB"
+        ) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return size
 
 
 def cmd_convert(args) -> int:
     from .verify import verify
 
-    kwargs = dict(dtype=DTYPES.get(args.dtype), overwrite=args.overwrite, max_shard_bytes=_size(args.max_shard_size))
+    kwargs = dict(dtype=DTYPES.get(args.dtype), overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
     if args.vision_tower:
         if args.family != "llava":
             raise ValueError("--vision-tower is for the original LLaVA layout only")
@@ -146,7 +157,7 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     from training.train import options_from, train
 
-    log = train(options_from(args))
+    log = train(options_from(args, args.trainer_args))
     if log and log["held_out_curve"]:
         print(
             f"Trained in {log['seconds']:.0f} s; held-out accuracy {100 * log['held_out_curve'][-1]['accuracy']:.1f}%"
@@ -214,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the result, with a model card, to this Hub repository")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 2GB, 500MB)")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB",
+                   help="largest output shard, as transformers reads it: 5GB = 5e9 bytes, 2GiB = 2^31 (default: 5GB)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="device for --verify")
     p.set_defaults(func=cmd_convert)
 
@@ -295,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "func", None) is not cmd_train:  # only `train` passes flags on (to TrainingArguments)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.trainer_args = extra
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError, OSError) as e:

@@ -16,6 +16,7 @@ from modeling import FuyuPatternConfig, FuyuPatternForConditionalGeneration
 from processing import FuyuPatternImageProcessor, FuyuPatternProcessor
 
 from .checkpoint_io import (
+    DEFAULT_SHARD_BYTES,
     ShardWriter,
     atomic_output_dir,
     check_output,
@@ -181,7 +182,7 @@ def convert_fuyu(
     *,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Convert a Fuyu checkpoint (folder or Hub id, in adept/fuyu-8b's layout) into ours at `output`."""
     check_output(output, overwrite, [source])
@@ -207,7 +208,7 @@ def convert_fuyu(
 
 
 def export_fuyu(
-    ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3
+    ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> Path:
     """Write our Fuyu checkpoint in adept/fuyu-8b's layout (fused QKV again); tensors are bit-identical."""
     check_output(output, overwrite, [ours])

@@ -18,7 +18,15 @@ from modeling import FlamingoPatternConfig, FlamingoPatternForConditionalGenerat
 from processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
 from processing.processing_flamingo import flamingo_chat_template
 
-from .checkpoint_io import ShardWriter, atomic_output_dir, check_output, read_json, resolve_source, weight_files
+from .checkpoint_io import (
+    DEFAULT_SHARD_BYTES,
+    ShardWriter,
+    atomic_output_dir,
+    check_output,
+    read_json,
+    resolve_source,
+    weight_files,
+)
 from .key_mapping import Gather, KeyMap, Split
 from .llava import _source_chat_template, _source_image_config, _source_tensors, _write_weights
 from .model_files import meta_model, write_model_files
@@ -196,7 +204,7 @@ def convert_idefics(
     *,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Convert an IDEFICS checkpoint (folder or Hub id, in `HuggingFaceM4/idefics-9b`'s layout) into ours."""
     check_output(output, overwrite, [source])
@@ -226,7 +234,7 @@ def convert_idefics(
 
 
 def export_idefics(
-    ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3
+    ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> Path:
     """Write our Flamingo checkpoint (IDEFICS variant) in IDEFICS's layout, with `IdeficsProcessor` files.
     Tensors are copied bit for bit; the vocabulary is split back into frozen and additional rows."""

@@ -23,6 +23,7 @@ from processing.processing_llava import LLAVA_CHAT_TEMPLATE
 
 from .chat_templates import choose_chat_template
 from .checkpoint_io import (
+    DEFAULT_SHARD_BYTES,
     ShardWriter,
     atomic_output_dir,
     check_output,
@@ -246,7 +247,7 @@ def convert_llava(
     dtype: torch.dtype | None = None,
     vision_tower: str | Path | None = None,
     overwrite: bool = False,
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     seed: int = 0,
 ) -> Path:
     """Convert a LLaVA checkpoint (llava-hf or original layout, a folder or a Hub id) into ours at `output`.
@@ -415,7 +416,7 @@ def _chain(*iterators):
 
 
 def export_llava(
-    ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3
+    ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> Path:
     """Write our LLaVA checkpoint in transformers' `LlavaForConditionalGeneration` layout (config, weights,
     `LlavaProcessor` files), which transformers, vLLM and SGLang load. Tensors are copied bit for bit."""

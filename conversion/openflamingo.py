@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 from modeling import FlamingoPatternConfig, FlamingoPatternForConditionalGeneration
 from processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
 
-from .checkpoint_io import atomic_output_dir, check_output, resolve_source, weight_files
+from .checkpoint_io import DEFAULT_SHARD_BYTES, atomic_output_dir, check_output, resolve_source, weight_files
 from .key_mapping import KeyMap, Split
 from .llava import _source_image_config, _source_tensors, _write_weights
 from .model_files import meta_model, write_model_files
@@ -221,7 +221,7 @@ def convert_openflamingo(
     tokenizer: str | Path | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     seed: int = 0,
 ) -> Path:
     """Merge an OpenFlamingo `checkpoint.pt` with its CLIP tower (`vision`) and base language model (`language`,

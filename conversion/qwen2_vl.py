@@ -17,6 +17,7 @@ from processing.processing_qwen2_vl import QWEN2_VL_CHAT_TEMPLATE
 
 from .chat_templates import choose_chat_template
 from .checkpoint_io import (
+    DEFAULT_SHARD_BYTES,
     ShardWriter,
     atomic_output_dir,
     check_output,
@@ -149,7 +150,7 @@ def convert_qwen2_vl(
     *,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Convert a Qwen2-VL checkpoint (folder or Hub id, Hub layout) into ours at `output`."""
     check_output(output, overwrite, [source])
@@ -180,7 +181,7 @@ def convert_qwen2_vl(
 
 
 def export_qwen2_vl(
-    ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3
+    ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> Path:
     """Write our Qwen2-VL checkpoint in the Hub's layout (transformers, vLLM and SGLang load it); bit-exact tensors."""
     check_output(output, overwrite, [ours])

@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from conversion import hub
 from conversion.cli import main
 from conversion.tiny import photo_like_image
@@ -172,3 +174,21 @@ def test_conversion_streams_shard_by_shard(tmp_path):
     growth = int(result.stdout.strip().splitlines()[-1])
     assert growth < 2.5 * shard_bytes, f"peak RSS grew {growth / 1e6:.0f} MB for {total_bytes / 1e6:.0f} MB of weights"
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_shard_sizes_read_as_transformers_reads_them():
+    import argparse
+
+    from conversion.cli import shard_size
+
+    assert shard_size("5GB") == 5 * 10**9 and shard_size("2GiB") == 2 * 2**30 and shard_size("500MB") == 5 * 10**8
+    assert shard_size("123456") == 123456
+    for bad in ("five", "5XB", "-1GB"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            shard_size(bad)
+
+
+def test_only_train_passes_unknown_flags_on(capsys):
+    with pytest.raises(SystemExit):
+        main(["tiny", "somewhere", "--bf16"])
+    assert "unrecognized arguments: --bf16" in capsys.readouterr().err

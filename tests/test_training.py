@@ -170,3 +170,23 @@ def test_accelerate_launch_runs_the_recipe(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "fuyu" / "model.safetensors").exists()
     assert "held-out accuracy" in result.stdout
+
+
+def test_trainer_arguments_pass_through_and_resume(tmp_path):
+    """transformers' own flags reach TrainingArguments; checkpoints are saved under OUTPUT/trainer and resumed."""
+    from training.train import training_arguments
+
+    options = TrainOptions(family="fuyu", output=str(tmp_path / "fuyu"), steps=4, batch_size=4, eval_every=4,
+                           eval_examples=8, trainer_args=("--gradient_accumulation_steps", "2", "--save_strategy",
+                           "steps", "--save_steps", "2", "--gradient_checkpointing", "--learning_rate", "1e-3"))  # fmt: skip
+    args = training_arguments(options, Path(options.output))
+    assert args.gradient_accumulation_steps == 2 and args.save_steps == 2 and args.learning_rate == 1e-3
+    assert args.max_steps == 4 and args.per_device_train_batch_size == 4  # the recipe's own options still apply
+    assert Path(args.output_dir) == Path(options.output) / "trainer"
+    train(options)
+    saved = sorted(p.name for p in (Path(options.output) / "trainer").iterdir())
+    assert saved == ["checkpoint-2", "checkpoint-4"]
+    resumed = TrainOptions(**{**vars(options), "steps": 6, "trainer_args": options.trainer_args + (
+        "--resume_from_checkpoint", str(Path(options.output) / "trainer" / "checkpoint-4"))})  # fmt: skip
+    log = train(resumed)
+    assert log["loss_curve"] and "checkpoint-6" in [p.name for p in (Path(options.output) / "trainer").iterdir()]

@@ -62,6 +62,9 @@ class TrainOptions:
     eval_every: int = 500
     eval_examples: int = 192
     report_to: str = "none"
+    # Any other `TrainingArguments` (bf16, gradient accumulation, gradient checkpointing, checkpoint saving,
+    # resume_from_checkpoint, push_to_hub, ...), as command-line flags in transformers' own spelling.
+    trainer_args: tuple[str, ...] = ()
 
 
 class SyntheticStream(IterableDataset):
@@ -159,7 +162,7 @@ def build_model_and_processor(options: TrainOptions):
 
 def train(options: TrainOptions) -> dict:
     """Train, save the checkpoint (model, processor, tokenizer, training_log.json) to `options.output`."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from .families import SPECS
 
@@ -178,9 +181,70 @@ def train(options: TrainOptions) -> dict:
     output = Path(options.output)
     curve = HeldOutCurve(processor, options.family, options.batch_size, options.eval_every, options.eval_examples,
                          multi_image)  # fmt: skip
-    scratch = tempfile.mkdtemp(prefix="vlm-patterns-trainer-")  # the Trainer's own files; the checkpoint is ours
-    args = TrainingArguments(
-        output_dir=scratch,
+    trainer_args = training_arguments(options, output)
+    scratch = None
+    if trainer_args.output_dir is None:  # nothing of the Trainer's own is kept: its files go to a scratch folder
+        scratch = tempfile.mkdtemp(prefix="vlm-patterns-trainer-")
+        trainer_args.output_dir = scratch
+    args = trainer_args
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=SyntheticStream(options.seed, multi_image),
+        data_collator=VQACollator(processor, options.family),
+        callbacks=[curve.callback],
+    )
+    started = time.time()
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    seconds = time.time() - started
+    if not trainer.is_world_process_zero():
+        return {}
+    model = trainer.model
+    if options.lora:
+        model.save_pretrained(output / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    if options.without_code:
+        strip_code(output)
+    if args.push_to_hub:
+        repo_id = args.hub_model_id or output.name
+        model.push_to_hub(repo_id, private=args.hub_private_repo)
+        processor.push_to_hub(repo_id, private=args.hub_private_repo)
+    recorded = asdict(options)
+    for key in ("output", "init_from"):  # no machine paths in logs that get shipped
+        if recorded[key] and Path(recorded[key]).is_absolute():
+            recorded[key] = Path(recorded[key]).name
+    recorded["trainer_args"] = [Path(a).name if Path(a).is_absolute() else a for a in options.trainer_args]
+    log = dict(
+        options=recorded,
+        seconds=round(seconds, 1),
+        trainable_parameters=trainable,
+        parameters=total,
+        held_out_curve=curve.points,
+        loss_curve=[dict(step=e["step"], loss=e["loss"]) for e in trainer.state.log_history if "loss" in e],
+    )
+    (output / "training_log.json").write_text(json.dumps(log, indent=2))
+    return log
+
+
+def training_arguments(options: TrainOptions, output: Path):
+    """`TrainingArguments` from the recipe, with any flag of `options.trainer_args` (transformers' own spelling,
+    read by `HfArgumentParser`) on top. The recipe's own options (--steps, --learning-rate, ...) set the fields
+    they name; the Trainer's files (checkpoints, logs) go to OUTPUT/trainer when checkpoints are saved or resumed
+    from, and to a scratch folder otherwise."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser(TrainingArguments)
+    for action in parser._actions:  # only what was given on the command line overrides the recipe
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(list(options.trainer_args)))
+    recipe = dict(
+        output_dir=None,
         max_steps=options.steps,
         per_device_train_batch_size=options.batch_size,
         learning_rate=options.learning_rate,
@@ -196,43 +260,10 @@ def train(options: TrainOptions) -> dict:
         seed=options.seed,
         disable_tqdm=False,
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=SyntheticStream(options.seed, multi_image),
-        data_collator=VQACollator(processor, options.family),
-        callbacks=[curve.callback],
-    )
-    started = time.time()
-    try:
-        trainer.train()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    seconds = time.time() - started
-    if not trainer.is_world_process_zero():
-        return {}
-    model = trainer.model
-    if options.lora:
-        model.save_pretrained(output / "adapter")
-        model = model.merge_and_unload()
-    model.save_pretrained(output)
-    processor.save_pretrained(output)
-    if options.without_code:
-        strip_code(output)
-    recorded = asdict(options)
-    for key in ("output", "init_from"):  # no machine paths in logs that get shipped
-        if recorded[key] and Path(recorded[key]).is_absolute():
-            recorded[key] = Path(recorded[key]).name
-    log = dict(
-        options=recorded,
-        seconds=round(seconds, 1),
-        trainable_parameters=trainable,
-        parameters=total,
-        held_out_curve=curve.points,
-        loss_curve=[dict(step=e["step"], loss=e["loss"]) for e in trainer.state.log_history if "loss" in e],
-    )
-    (output / "training_log.json").write_text(json.dumps(log, indent=2))
-    return log
+    merged = {**recipe, **given}
+    if merged["output_dir"] is None and (merged["save_strategy"] != "no" or merged.get("resume_from_checkpoint")):
+        merged["output_dir"] = str(output / "trainer")
+    return TrainingArguments(**merged)
 
 
 def strip_code(folder: Path) -> None:
@@ -282,17 +313,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
                         help="held-out questions per check (default: %(default)s)")  # fmt: skip
     parser.add_argument("--report-to", default=defaults.report_to, help="Trainer loggers: none, tensorboard, ...")
+    parser.epilog = (
+        "Any other transformers TrainingArguments flag passes through in transformers' spelling, e.g. --bf16, "
+        "--gradient_accumulation_steps 4, --gradient_checkpointing, --save_strategy steps --save_steps 500, "
+        "--resume_from_checkpoint OUTPUT/trainer/checkpoint-500, --push_to_hub --hub_model_id you/name."
+    )
 
 
-def options_from(args: argparse.Namespace) -> TrainOptions:
-    return TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
+def options_from(args: argparse.Namespace, trainer_args: list[str] = ()) -> TrainOptions:
+    fields = {k: getattr(args, k) for k in TrainOptions.__dataclass_fields__ if k != "trainer_args"}
+    return TrainOptions(**fields, trainer_args=tuple(trainer_args))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_arguments(parser)
-    log = train(options_from(parser.parse_args(argv)))
+    args, trainer_args = parser.parse_known_args(argv)
+    log = train(options_from(args, trainer_args))
     if log:
         final = log["held_out_curve"][-1]["accuracy"] if log["held_out_curve"] else math.nan
         print(f"trained in {log['seconds']:.0f} s; held-out accuracy {100 * final:.1f}%")
