@@ -190,5 +190,5 @@ def test_shard_sizes_read_as_transformers_reads_them():
 
 def test_only_train_passes_unknown_flags_on(capsys):
     with pytest.raises(SystemExit):
-        main(["tiny", "somewhere", "--bf16"])
+        main(["tiny", "llava", "somewhere", "--bf16"])
     assert "unrecognized arguments: --bf16" in capsys.readouterr().err
