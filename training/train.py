@@ -206,6 +206,7 @@ def train(options: TrainOptions) -> dict:
     model = trainer.model
     if options.lora:
         model.save_pretrained(output / "adapter")
+        portable_adapter_config(output / "adapter", options.init_from)
         model = model.merge_and_unload()
     model.save_pretrained(output)
     processor.save_pretrained(output)
@@ -230,6 +231,19 @@ def train(options: TrainOptions) -> dict:
     )
     (output / "training_log.json").write_text(json.dumps(log, indent=2))
     return log
+
+
+def portable_adapter_config(folder: Path, base: str | None) -> None:
+    """peft records the base model as it was loaded, here a local folder's absolute path; an adapter that is
+    shared names its base by the folder's name (or the Hub id it was given as) instead."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    recorded = config.get("base_model_name_or_path")
+    if recorded and Path(recorded).is_absolute():
+        config["base_model_name_or_path"] = Path(recorded).name
+    elif base and Path(base).is_absolute():
+        config["base_model_name_or_path"] = Path(base).name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def training_arguments(options: TrainOptions, output: Path):
