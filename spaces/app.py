@@ -552,12 +552,15 @@ def answer_all(message: dict, histories: dict, models: ModelSet, settings: Setti
         start_next()
     finished = 0
     while finished < len(FAMILIES):
-        family, answer = events.get()
-        answers[family] = answer
-        if answer.done:
-            finished += 1
-            if pending:
-                start_next()
+        arrived = [events.get()]
+        while not events.empty():  # under load, several tokens arrive between two updates: send them as one
+            arrived.append(events.get_nowait())
+        for family, answer in arrived:
+            answers[family] = answer
+            if answer.done:
+                finished += 1
+                if pending:
+                    start_next()
         yield (
             {f: chat_display(histories[f], answers[f]) for f in FAMILIES},
             {f: answers[f].stats() for f in FAMILIES},
@@ -665,11 +668,26 @@ def build_app(default_set: str = "embedded", device: str | None = None, model_se
             message = dict(message or {"text": "", "files": []})
             message["files"] = ([image] if image else []) + list(message.get("files", []))
             settings = Settings(int(max_new), float(temp), float(nucleus), int(qwen_budget))
-            first = True
-            for displays, texts, pictures, histories_now in answer_all(message, state, models_for(set_name), settings):
-                pictures, first = (pictures or {}) if first else {}, False  # the pictures go once per turn
-                yield (*(displays[f] for f in FAMILIES), *(texts[f] for f in FAMILIES),
-                       *(pictures.get(f, gr.skip()) for f in FAMILIES), histories_now)  # fmt: skip
+            # Each update carries only what changed: a column whose answer did not move, the pictures after the
+            # first update, and the chat state before the last are skipped. Gradio post-processes every value it
+            # is sent, so resending four whole chats per token made a turn's cost grow with the chat.
+            sent: dict = {}
+            updates = answer_all(message, state, models_for(set_name), settings)
+            previous = next(updates, None)
+            while previous is not None:
+                current = next(updates, None)  # one ahead: the last update is the one that saves the chat
+                displays, texts, pictures, histories_now = previous
+                values = []
+                for kind, per_family in (("chat", displays), ("stats", texts), ("picture", pictures or {})):
+                    for f in FAMILIES:
+                        value = per_family.get(f, gr.skip())
+                        unchanged = (kind, f) in sent and sent[(kind, f)] == value
+                        repeated = unchanged or (kind == "picture" and (kind, f) in sent)
+                        final = current is None  # the last update is whole, for API clients
+                        values.append(value if final or not repeated else gr.skip())
+                        sent[(kind, f)] = value
+                yield (*values, histories_now if current is None else gr.skip())
+                previous = current
 
         inputs = [prompt, camera, model_set, histories, max_new_tokens, temperature, top_p, budget]
         prompt.submit(respond, inputs, outputs, api_name="respond").then(
@@ -722,6 +740,11 @@ def main(argv=None) -> int:
         "--concurrency", type=int, default=2, help="requests answered at the same time (default: %(default)s)"
     )
     parser.add_argument(
+        "--sessions", type=int, default=256,
+        help="chats kept in memory; the oldest goes beyond this (Gradio keeps 10000, and API clients never close "
+        "theirs) (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--smoke-test", action="store_true", help="one example through the four columns without a browser, then exit"
     )
     args = parser.parse_args(argv)
@@ -732,7 +755,7 @@ def main(argv=None) -> int:
     # Only the bundled examples are served from outside Gradio's own upload folder (uploads and the pictures):
     # files there are served inline, so no folder that others write to (like the temporary folder) belongs here.
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft(),
-                allowed_paths=[str(HERE / "examples")])  # fmt: skip
+                allowed_paths=[str(HERE / "examples")], state_session_capacity=args.sessions)  # fmt: skip
     return 0
 
 

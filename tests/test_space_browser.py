@@ -22,11 +22,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerURL(str):
+    """The server's address, and its process id."""
+
+    pid: int
+
+
 @pytest.fixture(scope="module")
 def server():
+    """The Space on a free port; `server.pid` is its process."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, str(SPACE / "app.py"), "--port", str(port), "--concurrency", "2", "--queue-size", "8"],
+        [sys.executable, str(SPACE / "app.py"), "--port", str(port), "--concurrency", "2", "--queue-size", "8",
+         "--sessions", "8"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
@@ -42,6 +50,8 @@ def server():
     else:
         process.kill()
         pytest.fail("the app did not start within 120 s")
+    url = ServerURL(url)
+    url.pid = process.pid
     yield url
     process.terminate()
     process.wait(timeout=30)
@@ -177,3 +187,27 @@ def test_bad_uploads_are_explained_in_every_column(server, tmp_path, kind):
         reply = reply if isinstance(reply, str) else str(reply)
         assert chat[-1]["role"] == "assistant" and expected in reply, chat[-1]
         assert "/tmp" not in reply and str(tmp_path) not in reply  # no server paths in what visitors read
+
+
+def test_server_memory_is_flat_over_many_chats(server):
+    """Every API client is a new chat that never closes; beyond --sessions the oldest go, so memory stays flat."""
+    from gradio_client import Client, handle_file
+
+    def rss_kb() -> int:
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+
+    image = handle_file(str(SPACE / "examples" / "color-0.png"))
+
+    def chat() -> None:
+        client = Client(server, verbose=False, download_files=False)
+        client.predict({"text": "What color is the square?", "files": []}, image, "embedded", 4, 0.0, 1.0, 32,
+                       api_name="/respond")  # fmt: skip
+
+    for _ in range(20):  # warm up: models loaded, allocator pools and the session store filled
+        chat()
+    before = rss_kb()
+    for _ in range(150):
+        chat()
+    grown = rss_kb() - before
+    assert grown < 20_000, f"{grown} kB over 150 chats"  # 0.3 MB per chat (45 MB here) before sessions were bounded
