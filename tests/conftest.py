@@ -137,3 +137,18 @@ def idefics_pair(workdir):
         return cache[variant]
 
     return get
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "training" / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    """family -> (model, processor) of the four checkpoints shipped in training/checkpoints, loaded once; read only."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return {
+        family: (AutoModelForImageTextToText.from_pretrained(SHIPPED / family).eval(),
+                 AutoProcessor.from_pretrained(SHIPPED / family))
+        for family in ("llava", "qwen2_vl", "fuyu", "flamingo")
+    }  # fmt: skip

@@ -15,16 +15,6 @@ FAMILIES = ("llava", "qwen2_vl", "fuyu", "flamingo")
 EXAMPLE = Path(__file__).resolve().parents[1] / "spaces" / "examples" / "color-0.png"
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    return {
-        f: (AutoModelForImageTextToText.from_pretrained(CHECKPOINTS / f).eval(), AutoProcessor.from_pretrained(CHECKPOINTS / f))
-        for f in FAMILIES
-    }  # fmt: skip
-
-
 def image_inputs(family: str, processor, question: str = "What color is the square?") -> dict:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)

@@ -148,18 +148,6 @@ def test_a_none_among_the_images_is_refused_everywhere():
         flamingo(images=[[a, None], [b, c]], text=["<image><image> one", "<image><image> two"])
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import modeling  # noqa: F401
-
-    return {
-        f: (AutoModelForImageTextToText.from_pretrained(CHECKPOINTS / f).eval(), AutoProcessor.from_pretrained(CHECKPOINTS / f))
-        for f in FAMILIES
-    }  # fmt: skip
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chat_messages_take_urls_data_uris_and_image_urls(served, shipped, family):
     folder, url = served
@@ -203,3 +191,15 @@ def test_the_pipeline_answers_from_a_url(served, shipped, family):
                                           {"type": "text", "text": "What color is the square?"}]}]  # fmt: skip
     assert by_url[0]["generated_text"][-1] == pipe(text=local, max_new_tokens=3)[0]["generated_text"][-1]
     assert by_url[0]["generated_text"][-1]["content"].strip()
+
+
+def test_every_pil_mode_is_read_or_refused_by_name():
+    base = photo(8, 8)
+    for mode in ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA", "RGBX", "RGBa",
+                 "La"]:  # fmt: skip
+        image = base.convert("RGBA").convert(mode) if mode in ("RGBa", "La", "PA") else base.convert(mode)
+        rgb = load_image(image)
+        assert rgb.dtype == np.uint8 and rgb.shape == (8, 8, 3), mode
+    for mode, dtype in [("I;16", "<u2"), ("I;16B", ">u2"), ("I;16L", "<u2")]:
+        image = PIL.Image.frombytes(mode, (4, 4), np.full(16, 1000, dtype).tobytes())
+        assert (load_image(image) == 4).all(), mode  # 1000 / 257, not clipped to 255

@@ -101,12 +101,18 @@ def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
             high = int(values.max()) if values.size else 0
             values = values.astype(np.uint16) if 255 < high <= 65535 and values.min() >= 0 else values
         return _array_to_rgb(values, what=f"The {image.mode}-mode image")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = PIL.Image.alpha_composite(background, rgba)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    mode = image.mode
+    try:
+        if mode == "La":  # premultiplied grey + alpha: PIL converts it only to LA
+            image = image.convert("LA")
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = PIL.Image.alpha_composite(background, rgba)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ImageInputError(f"The {mode}-mode image cannot be read as RGB: {e}") from e
     return np.asarray(image)  # one copy out of PIL; read-only, which is fine: nothing writes to it
 
 
