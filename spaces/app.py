@@ -63,6 +63,16 @@ HUB = {
     "fuyu": ("fuyu", "adept/fuyu-8b"),
     "flamingo": ("idefics", "HuggingFaceM4/idefics-9b-instruct"),
 }
+# What each picture shows, written under it.
+LEGENDS = {
+    "llava": "The fixed square the ViT reads (padded to a square first); grey lines: its patches, one visual token each.",
+    "qwen2_vl": "The image at about its own size (`smart_resize`); grey lines: 14-pixel patches; thick yellow lines: "
+    "each 2 x 2 group the PatchMerger joins into one visual token.",
+    "fuyu": "Raw patches row by row, no encoder: each patch is one token; red bars: the newline token closing each row.",
+    "flamingo": "Left: the resampler's latents for the image (rows: latents, columns: channels; blue low, orange "
+    "high). Right: per gated layer, tanh of the gate on cross-attention (blue) and on the feed-forward (orange); "
+    "0 means closed.",
+}
 MAX_IMAGES = {"llava": 4, "qwen2_vl": 4, "fuyu": 1, "flamingo": 4}  # images one prompt may hold
 # Bundled examples: held-out images of the synthetic task with their questions (examples/examples.json).
 EXAMPLES = json.loads((HERE / "examples" / "examples.json").read_text()) if (HERE / "examples").is_dir() else []
@@ -325,6 +335,9 @@ class Settings:
     qwen_max_visual_tokens: int = 32  # Qwen2-VL's per-image budget (merged tokens)
 
 
+MIN_TOKENS_FOR_RATE = 8
+
+
 @dataclass
 class Answer:
     """One column's state while it streams: the text so far and the measurements."""
@@ -337,20 +350,28 @@ class Answer:
     new_tokens: int = 0
     seconds: float = 0.0
 
+    images_left_out: int = 0  # images of the chat beyond what the family reads (Fuyu reads one)
+
     @property
     def tokens_per_second(self) -> float | None:
+        """Decode speed after the first token; None over fewer than MIN_TOKENS_FOR_RATE tokens, where a rate
+        would be mostly timer noise (two-token answers read anywhere from 9 to 435 tok/s)."""
         decode_time = self.seconds - (self.time_to_first_token or 0)
-        return (self.new_tokens - 1) / decode_time if self.new_tokens > 1 and decode_time > 0 else None
+        if self.new_tokens < MIN_TOKENS_FOR_RATE or decode_time <= 0:
+            return None
+        return (self.new_tokens - 1) / decode_time
 
     def stats(self) -> str:
         if self.error:
             return "failed"
         parts = [f"visual tokens: {' + '.join(map(str, self.visual_tokens)) or 0}"]
-        if self.time_to_first_token is not None:
+        if self.time_to_first_token is not None:  # from the submit: decoding the upload and the prompt included
             parts.append(f"first token {1e3 * self.time_to_first_token:.0f} ms")
         if self.tokens_per_second:
             parts.append(f"{self.tokens_per_second:.1f} tok/s")
         parts.append(f"{self.new_tokens} tokens")
+        if self.images_left_out:
+            parts.append(f"read the first image only ({self.images_left_out} more left out)")
         return " · ".join(parts)
 
 
@@ -429,12 +450,16 @@ class CountingStreamer(TextIteratorStreamer):
         super().put(value)
 
 
-def stream(model, processor, family: str, history: list[dict], settings: Settings) -> Iterator[Answer]:
-    """Generate an answer to the conversation, yielding the growing `Answer` as tokens arrive. Errors (a bad image,
-    a prompt too long for the model, ...) end the stream with `error` set; they never raise."""
+def stream(model, processor, family: str, history: list[dict], settings: Settings,
+           started: float | None = None) -> Iterator[Answer]:  # fmt: skip
+    """Generate an answer to the conversation, yielding the growing `Answer` as tokens arrive; times count from
+    `started` (the submit; default: now). Errors (a bad image, a prompt too long for the model, ...) end the
+    stream with `error` set; they never raise."""
     answer = Answer()
-    started = time.perf_counter()
+    started = started if started is not None else time.perf_counter()
     try:
+        all_images = sum(len(t["images"]) for t in answered_turns(history) if t["role"] == "user")
+        answer.images_left_out = max(0, all_images - MAX_IMAGES[family])
         inputs, answer.visual_tokens = build_inputs(model, processor, family, history, settings)
         for key in ("image_patch_grid", "image_sizes", "image_scale_factors"):
             inputs.pop(key, None)
@@ -496,18 +521,24 @@ def chat_display(history: list[dict], answer: Answer | None = None) -> list[dict
     return messages
 
 
+def prompt_problem(text: str) -> str | None:
+    """Why a question cannot be sent (empty, too long), or None."""
+    text = (text or "").strip()
+    if not text:
+        return "Type a question (and add an image) first."
+    if len(text) > MAX_PROMPT_CHARACTERS:
+        return f"The prompt is {len(text)} characters; keep it under {MAX_PROMPT_CHARACTERS}."
+    return None
+
+
 def answer_all(message: dict, histories: dict, models: ModelSet, settings: Settings):
     """Send one user turn to the four families at once; yields (displays, stats, views, histories) as the four
     answers stream in. A column that fails shows its error; the others carry on."""
+    submitted = time.perf_counter()
     text = (message or {}).get("text", "").strip()
     paths = list((message or {}).get("files", []))
-    if not text:
-        notice = "Type a question (and add an image) first."
-        yield ({f: chat_display(histories[f]) for f in FAMILIES}, dict.fromkeys(FAMILIES, notice),
-               None, histories)  # fmt: skip
-        return
-    if len(text) > MAX_PROMPT_CHARACTERS:
-        notice = f"The prompt is {len(text)} characters; keep it under {MAX_PROMPT_CHARACTERS}."
+    notice = prompt_problem(text)
+    if notice:
         yield ({f: chat_display(histories[f]) for f in FAMILIES}, dict.fromkeys(FAMILIES, notice),
                None, histories)  # fmt: skip
         return
@@ -533,7 +564,7 @@ def answer_all(message: dict, histories: dict, models: ModelSet, settings: Setti
     def run(family: str):
         try:
             model, processor = models.get(family)
-            for answer in stream(model, processor, family, histories[family], settings):
+            for answer in stream(model, processor, family, histories[family], settings, started=submitted):
                 events.put((family, dataclasses.replace(answer)))  # a snapshot: the stream keeps mutating its own
         except Exception as e:  # loading failed: this column only
             events.put((family, Answer(error=f"{type(e).__name__}: {e}", done=True)))
@@ -631,8 +662,9 @@ def build_app(default_set: str = "embedded", device: str | None = None, model_se
             for family in FAMILIES:
                 with gr.Column(min_width=240):
                     gr.Markdown(f"### {TITLES[family]}")
-                    views[family] = gr.Image(label="how it sees the image", type="filepath", height=200,
-                                             interactive=False, elem_id=f"view-{family}")  # fmt: skip
+                    views[family] = gr.Image(label="how it sees the image", show_label=False, type="filepath",
+                                             height=200, interactive=False, elem_id=f"view-{family}")  # fmt: skip
+                    gr.Markdown(f"<small>{LEGENDS[family]}</small>", elem_id=f"legend-{family}")
                     chats[family] = gr.Chatbot(label=family, height=300, elem_id=f"chat-{family}")
                     stats[family] = gr.Markdown("", elem_id=f"stats-{family}")
         with gr.Row(equal_height=False):
@@ -667,6 +699,9 @@ def build_app(default_set: str = "embedded", device: str | None = None, model_se
         def respond(message, image, set_name, state, max_new, temp, nucleus, qwen_budget):
             message = dict(message or {"text": "", "files": []})
             message["files"] = ([image] if image else []) + list(message.get("files", []))
+            problem = prompt_problem(message.get("text", ""))
+            if problem:  # one message; the typed text and the image stay (the clearing step runs on success only)
+                raise gr.Error(problem)
             settings = Settings(int(max_new), float(temp), float(nucleus), int(qwen_budget))
             # Each update carries only what changed: a column whose answer did not move, the pictures after the
             # first update, and the chat state before the last are skipped. Gradio post-processes every value it
@@ -690,12 +725,12 @@ def build_app(default_set: str = "embedded", device: str | None = None, model_se
                 previous = current
 
         inputs = [prompt, camera, model_set, histories, max_new_tokens, temperature, top_p, budget]
-        prompt.submit(respond, inputs, outputs, api_name="respond").then(
+        prompt.submit(respond, inputs, outputs, api_name="respond").success(
             lambda: (None, None), None, [prompt, camera], api_name=False
         )
         clear.click(
-            lambda: (*([[]] * 4), *([""] * 4), *([None] * 4), {f: [] for f in FAMILIES}),
-            None, outputs, api_name=False,
+            lambda: (*([[]] * 4), *([""] * 4), *([None] * 4), {f: [] for f in FAMILIES}, None, None),
+            None, [*outputs, prompt, camera], api_name=False,
         )  # fmt: skip
     return demo
 

@@ -94,7 +94,7 @@ def test_multi_turn_and_several_images(models):
     _, stats, _, histories = run({"text": "Which image has more shapes, the first or the second?", "files": files},
                                  models)  # fmt: skip
     assert stats["qwen2_vl"].count("+") == 1 and stats["flamingo"].count("+") == 1  # two images each
-    assert "+" not in stats["fuyu"]  # Fuyu reads one image
+    assert "+" not in stats["fuyu"] and "first image only (1 more left out)" in stats["fuyu"]  # Fuyu reads one
     _, _, _, histories = run({"text": "How many shapes are there?", "files": []}, models, histories=histories)
     assert all(len(histories[f]) == 4 for f in app.FAMILIES)
     messages = app.conversation_messages(histories["llava"], "llava")
@@ -123,3 +123,16 @@ def test_hub_set_loads_one_model_at_a_time(tmp_path, monkeypatch):
     assert list(hub.loaded) == ["fuyu"]
     with pytest.raises(ValueError, match="model set"):
         app.ModelSet("somewhere")
+
+
+def test_numbers_count_from_the_submit_and_rates_need_enough_tokens(models):
+    import time
+
+    model, processor = models.get("llava")
+    history = [{"role": "user", "text": "What color is the square?", "images": [EXAMPLE], "paths": []}]
+    *_, answer = app.stream(model, processor, "llava", history, app.Settings(max_new_tokens=4),
+                            started=time.perf_counter() - 5.0)  # fmt: skip
+    assert answer.time_to_first_token >= 5.0  # what happened before the column started counts
+    assert answer.tokens_per_second is None and "tok/s" not in answer.stats()  # 2-4 tokens: no rate
+    long = app.Answer(new_tokens=20, seconds=2.0, time_to_first_token=0.1)
+    assert long.tokens_per_second == pytest.approx(19 / 1.9) and "tok/s" in long.stats()

@@ -85,7 +85,7 @@ def test_all_four_columns_answer_in_a_browser(server, browser, tmp_path):
     page.locator("#prompt textarea").wait_for(timeout=60_000)
     ask(page, "What color is the square?", [str(SPACE / "examples" / "color-0.png")])
     for family in FAMILIES:
-        page.locator(f"#stats-{family}").get_by_text("tok/s").wait_for(timeout=90_000)
+        page.locator(f"#stats-{family}").get_by_text("tokens").wait_for(timeout=90_000)
     page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
     for family in FAMILIES:
         stats = page.locator(f"#stats-{family}").inner_text()
@@ -94,6 +94,8 @@ def test_all_four_columns_answer_in_a_browser(server, browser, tmp_path):
         chat = page.locator(f"#chat-{family}").inner_text()
         assert "What color is the square?" in chat and len(chat.split("What color is the square?")[1].strip()) > 0
     assert page.locator("#view-llava img").count() == 1  # the pattern's picture is drawn
+    assert "yellow" in page.locator("#legend-qwen2_vl").inner_text()  # and says what it shows
+    assert "newline" in page.locator("#legend-fuyu").inner_text()
 
     page.get_by_role("button", name="New chat").click()
     page.wait_for_timeout(500)
