@@ -1,28 +1,50 @@
 """The `vlm-patterns` command line: convert, export, verify, generate, tiny, demo, train, evaluate, compare."""
 
 import argparse
+import importlib
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 
-from . import fuyu, idefics, llava, openflamingo, qwen2_vl
+class LazyFunctions(Mapping):
+    """name -> function, imported on first use: `vlm-patterns --help` should not wait for torch and every converter."""
+
+    def __init__(self, paths: dict[str, str]):
+        self.paths = paths  # name -> "module:function", the module relative to this package
+
+    def __getitem__(self, name: str):
+        module, function = self.paths[name].split(":")
+        return getattr(importlib.import_module(f".{module}", __package__), function)
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
 
 # Source layouts that convert; IDEFICS and OpenFlamingo both become the Flamingo pattern.
-CONVERTERS = {
-    "llava": llava.convert_llava,
-    "qwen2_vl": qwen2_vl.convert_qwen2_vl,
-    "fuyu": fuyu.convert_fuyu,
-    "idefics": idefics.convert_idefics,
-    "openflamingo": openflamingo.convert_openflamingo,
-}
-EXPORTERS = {
-    "llava": llava.export_llava,
-    "qwen2_vl": qwen2_vl.export_qwen2_vl,
-    "fuyu": fuyu.export_fuyu,
-    "idefics": idefics.export_idefics,
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONVERTERS = LazyFunctions({
+    "llava": "llava:convert_llava",
+    "qwen2_vl": "qwen2_vl:convert_qwen2_vl",
+    "fuyu": "fuyu:convert_fuyu",
+    "idefics": "idefics:convert_idefics",
+    "openflamingo": "openflamingo:convert_openflamingo",
+})  # fmt: skip
+EXPORTERS = LazyFunctions({
+    "llava": "llava:export_llava",
+    "qwen2_vl": "qwen2_vl:export_qwen2_vl",
+    "fuyu": "fuyu:export_fuyu",
+    "idefics": "idefics:export_idefics",
+})  # fmt: skip
+DTYPES = ("bfloat16", "float16", "float32")  # torch dtype names
+
+
+def torch_dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
 
 
 def shard_size(text: str) -> int:
@@ -47,7 +69,7 @@ def shard_size(text: str) -> int:
 def cmd_convert(args) -> int:
     from .verify import verify
 
-    kwargs = dict(dtype=DTYPES.get(args.dtype), overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
+    kwargs = dict(dtype=torch_dtype(args.dtype), overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
     if args.vision_tower:
         if args.family != "llava":
             raise ValueError("--vision-tower is for the original LLaVA layout only")
@@ -90,7 +112,7 @@ def cmd_verify(args) -> int:
         args.source,
         args.converted,
         device=args.device,
-        dtype=DTYPES[args.dtype],
+        dtype=torch_dtype(args.dtype),
         vision_tower=args.vision_tower,
         vision=args.vision,
         language=args.language,
@@ -139,7 +161,7 @@ def cmd_demo(args) -> int:
         build_tiny_llava_hf(source)
         print(f"1. built a tiny random LLaVA in the llava-hf layout: {source}")
     if not converted.exists():
-        llava.convert_llava(source, converted)
+        CONVERTERS["llava"](source, converted)
         print(f"2. converted it to ours: {converted}")
     report = verify_llava(source, converted)
     print("3. parity with transformers' LlavaForConditionalGeneration:\n" + report.summary())
@@ -155,7 +177,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from training.train import options_from, train
+    from training.options import options_from
+    from training.train import train
 
     log = train(options_from(args, args.trainer_args))
     if log and log["held_out_curve"]:
@@ -270,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.set_defaults(func=cmd_tiny)
 
-    from training.train import add_arguments
+    from training.options import add_arguments
 
     p = sub.add_parser("train", help="train a family on the synthetic visual QA task (from scratch, or --from)")
     add_arguments(p)

@@ -192,3 +192,19 @@ def test_only_train_passes_unknown_flags_on(capsys):
     with pytest.raises(SystemExit):
         main(["tiny", "llava", "somewhere", "--bf16"])
     assert "unrecognized arguments: --bf16" in capsys.readouterr().err
+
+
+def test_help_answers_without_importing_torch():
+    """`vlm-patterns --help` (and each subcommand's) imports neither torch nor a converter."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from conversion.cli import main\n"
+        "for argv in (['--help'], ['convert', '--help'], ['train', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'conversion.llava') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

@@ -16,22 +16,16 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.utils.data import IterableDataset
 
 from .collate import VQACollator
+from .options import CONNECTORS, TrainOptions, add_arguments, options_from
 from .synthetic_vqa import examples, kinds_for, make_example, training_seed
 
-# Parameters of each family's connector (trained with every strategy) and vision encoder.
-CONNECTORS = {
-    "llava": ("model.multi_modal_projector.",),
-    "qwen2_vl": ("model.visual.merger.",),
-    "fuyu": ("model.vision_embed_tokens.",),
-    "flamingo": ("model.perceiver_resampler.", "model.gated_cross_attn_layers."),
-}
 VISION_ENCODERS = {
     "llava": ("model.vision_tower.",),
     "qwen2_vl": ("model.visual.patch_embed.", "model.visual.blocks."),
@@ -39,32 +33,6 @@ VISION_ENCODERS = {
     "flamingo": ("model.vision_model.",),
 }
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-
-
-@dataclass
-class TrainOptions:
-    family: str
-    output: str
-    steps: int = 6000
-    batch_size: int = 32
-    # 1e-3 left Flamingo on the answer prior for over a thousand steps (measured at 1500 steps: 40% held-out
-    # against 59% at 5e-4); the other three learn as fast or faster at 5e-4.
-    learning_rate: float = 5e-4
-    warmup_steps: int = 200
-    weight_decay: float = 0.01
-    freeze: str = "none"
-    init_from: str | None = None
-    lora: bool = False
-    lora_rank: int = 16
-    gate_init: float = 0.5
-    without_code: bool = False
-    seed: int = 0
-    eval_every: int = 500
-    eval_examples: int = 192
-    report_to: str = "none"
-    # Any other `TrainingArguments` (bf16, gradient accumulation, gradient checkpointing, checkpoint saving,
-    # resume_from_checkpoint, push_to_hub, ...), as command-line flags in transformers' own spelling.
-    trainer_args: tuple[str, ...] = ()
 
 
 class SyntheticStream(IterableDataset):
@@ -291,52 +259,6 @@ def strip_code(folder: Path) -> None:
             data = json.loads(path.read_text())
             if data.pop("auto_map", None) is not None:
                 path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainOptions(family="", output="")
-    parser.add_argument("family", choices=list(CONNECTORS), help="the pattern to train")
-    parser.add_argument("--output", required=True, help="checkpoint folder to write")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                        help="examples per step and device (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
-                        help="AdamW peak rate, cosine decay after warm-up (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
-                        help="steps of linear warm-up to the peak rate (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
-                        help="AdamW decoupled weight decay (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--freeze", choices=["none", "vision", "connector"], default=defaults.freeze,
-                        help="none: train all; vision: keep the vision encoder fixed; connector: train only it")  # fmt: skip
-    parser.add_argument("--from", dest="init_from", help="start from this checkpoint of ours (fine-tuning)")
-    parser.add_argument("--lora", action="store_true", help="LoRA adapters on the language model (peft)")
-    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="with --lora (default: %(default)s)")
-    parser.add_argument("--gate-init", type=float, default=defaults.gate_init,
-                        help="flamingo from scratch: the gates' starting alpha; 0 keeps them closed (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--without-code", action="store_true",
-                        help="no code files for trust_remote_code (checkpoints kept inside this repository)")  # fmt: skip
-    parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="weights and training stream (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        default=defaults.eval_every,
-        help="steps between held-out checks (default: %(default)s)",
-    )
-    parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
-                        help="held-out questions per check (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--report-to", default=defaults.report_to, help="Trainer loggers: none, tensorboard, ...")
-    parser.epilog = (
-        "Any other transformers TrainingArguments flag passes through in transformers' spelling, e.g. --bf16, "
-        "--gradient_accumulation_steps 4, --gradient_checkpointing, --save_strategy steps --save_steps 500, "
-        "--resume_from_checkpoint OUTPUT/trainer/checkpoint-500, --push_to_hub --hub_model_id you/name."
-    )
-
-
-def options_from(args: argparse.Namespace, trainer_args: list[str] = ()) -> TrainOptions:
-    fields = {k: getattr(args, k) for k in TrainOptions.__dataclass_fields__ if k != "trainer_args"}
-    return TrainOptions(**fields, trainer_args=tuple(trainer_args))
 
 
 def main(argv: list[str] | None = None) -> int:
