@@ -39,8 +39,12 @@ def _decode(data: bytes, name: str, max_pixels: int) -> PIL.Image.Image:
         with warnings.catch_warnings():  # PIL warns of large images; the limit below is this project's own
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
             image = PIL.Image.open(io.BytesIO(data))  # reads the header only
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageInputError(f"{name} is not a readable image: {e}") from e
+    except PIL.UnidentifiedImageError as e:  # PIL's message names only its in-memory buffer
+        raise ImageInputError(
+            f"{name[0].upper()}{name[1:]} is not a readable image: not a format PIL decodes ({_head(data)})"
+        ) from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageInputError(f"{name[0].upper()}{name[1:]} is not a readable image: {e}") from e
     except PIL.Image.DecompressionBombError as e:  # above twice PIL's own limit: it refuses from the header
         raise ImageInputError(f"{name[0].upper()}{name[1:]} is above the limit of {max_pixels} pixels: {e}") from e
     _check_pixels(*image.size, max_pixels, name)
@@ -48,7 +52,17 @@ def _decode(data: bytes, name: str, max_pixels: int) -> PIL.Image.Image:
         image.load()  # decode now, so a truncated or corrupt file fails here and not later
         return PIL.ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageInputError(f"{name} is not a readable image: {e}") from e
+        raise ImageInputError(f"{name[0].upper()}{name[1:]} is not a readable image: {e}") from e
+
+
+def _head(data: bytes) -> str:
+    """What a file starts with, for a message: text shows as text, anything else as bytes."""
+    start = data[:16]
+    return (
+        f"it starts with {start.decode()!r}"
+        if start.isascii() and start.decode().isprintable()
+        else f"it starts with {start!r}"
+    )
 
 
 def _check_pixels(width: int, height: int, max_pixels: int, name: str = "The image") -> None:
