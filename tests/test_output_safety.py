@@ -112,7 +112,8 @@ def converted_state(folder: Path) -> dict:
 
 
 def test_kill_during_replacement_leaves_a_complete_output(llava_pair, tmp_path):
-    source, reference = llava_pair()
+    source = llava_pair()[0]
+    reference = convert_llava(source, tmp_path.parent / f"{tmp_path.name}-reference")  # the fixture's may be written to
     other = llava_pair("layer-1-full")[0]
     output = tmp_path / "out"
     convert_llava(other, output)  # the old output: another model, so old and new can be told apart
@@ -129,7 +130,8 @@ def test_kill_during_replacement_leaves_a_complete_output(llava_pair, tmp_path):
 
 def test_kill_at_random_moments_never_loses_the_output(llava_pair, tmp_path):
     """kill -9 of `convert --overwrite` at several moments: the target is always one complete output, old or new."""
-    source, reference = llava_pair()
+    source = llava_pair()[0]
+    reference = convert_llava(source, tmp_path.parent / f"{tmp_path.name}-reference")  # the fixture's may be written to
     output = tmp_path / "out"
     convert_llava(llava_pair("layer-1-full")[0], output)
     complete = [tree(output), tree(reference)]
