@@ -77,6 +77,36 @@ MAX_IMAGES = {"llava": 4, "qwen2_vl": 4, "fuyu": 1, "flamingo": 4}  # images one
 # Bundled examples: held-out images of the synthetic task with their questions (examples/examples.json).
 EXAMPLES = json.loads((HERE / "examples" / "examples.json").read_text()) if (HERE / "examples").is_dir() else []
 MAX_PROMPT_CHARACTERS = 1000
+# What the embedded models were trained to answer, with the words to ask it in.
+TRAINED_FOR = (
+    "The *embedded* models were trained from scratch on synthetic pictures of circles, squares and triangles in a "
+    "few colors, and on six kinds of question only, asked in these words: *What color is the square?* · *What shape "
+    "is blue?* · *How many shapes are there?* · *Is the green triangle left or right of the yellow circle?* · *What "
+    "word is written?* · *Which image has more shapes, the first or the second?* They know no other words (a column "
+    "says when a question uses some) and answer anything else with a guess. Under each column: its measured accuracy "
+    "per kind of question on 3000 held-out ones."
+)
+KIND_NAMES = {"color": "color", "shape": "shape", "count": "count", "position": "left/right", "read": "word",
+              "compare": "two images"}  # fmt: skip
+
+
+def measured_accuracy(family: str) -> str:
+    """One line of the family's held-out accuracy per question kind (from its checkpoint's evaluation.json)."""
+    path = EMBEDDED[family] / "evaluation.json"
+    if not path.exists():
+        return ""
+    result = json.loads(path.read_text())
+    kinds = [f"{KIND_NAMES.get(k, k)} {100 * v:.0f}%" for k, v in result["accuracy_by_kind"].items()]
+    return f"<small>held-out accuracy: {' · '.join(kinds)} (all {100 * result['accuracy']:.0f}%)</small>"
+
+
+def unknown_words(text: str, tokenizer) -> list[str]:
+    """Words of `text` a word-level tokenizer (the embedded models') has never seen; [] for subword tokenizers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.unk_token_id is None or backend.model.__class__.__name__ != "WordLevel":
+        return []
+    words = [word for word, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+    return list(dict.fromkeys(w for w in words if tokenizer.convert_tokens_to_ids(w) == tokenizer.unk_token_id))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -351,6 +381,7 @@ class Answer:
     seconds: float = 0.0
 
     images_left_out: int = 0  # images of the chat beyond what the family reads (Fuyu reads one)
+    unknown_words: list[str] = field(default_factory=list)  # words of the question the model never saw
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -372,6 +403,8 @@ class Answer:
         parts.append(f"{self.new_tokens} tokens")
         if self.images_left_out:
             parts.append(f"read the first image only ({self.images_left_out} more left out)")
+        if self.unknown_words:
+            parts.append(f"never saw the words {', '.join(repr(w) for w in self.unknown_words)}: a guess")
         return " · ".join(parts)
 
 
@@ -460,6 +493,8 @@ def stream(model, processor, family: str, history: list[dict], settings: Setting
     try:
         all_images = sum(len(t["images"]) for t in answered_turns(history) if t["role"] == "user")
         answer.images_left_out = max(0, all_images - MAX_IMAGES[family])
+        question = next((t["text"] for t in reversed(history) if t["role"] == "user"), "")
+        answer.unknown_words = unknown_words(question, processor.tokenizer)
         inputs, answer.visual_tokens = build_inputs(model, processor, family, history, settings)
         for key in ("image_patch_grid", "image_sizes", "image_scale_factors"):
             inputs.pop(key, None)
@@ -656,6 +691,8 @@ def build_app(default_set: str = "embedded", device: str | None = None, model_se
             "set of latents through gated cross-attention. The *embedded* models are small ones trained on "
             "synthetic shapes, colours, counts, positions and words: ask about those; *hub* loads the public models."
         )
+        if default_set == "embedded":
+            gr.Markdown(TRAINED_FOR, elem_id="trained-for")
         histories = gr.State({f: [] for f in FAMILIES})
         chats, stats, views = {}, {}, {}
         with gr.Row(equal_height=False):
@@ -667,6 +704,8 @@ def build_app(default_set: str = "embedded", device: str | None = None, model_se
                     gr.Markdown(f"<small>{LEGENDS[family]}</small>", elem_id=f"legend-{family}")
                     chats[family] = gr.Chatbot(label=family, height=300, elem_id=f"chat-{family}")
                     stats[family] = gr.Markdown("", elem_id=f"stats-{family}")
+                    if default_set == "embedded":
+                        gr.Markdown(measured_accuracy(family), elem_id=f"accuracy-{family}")
         with gr.Row(equal_height=False):
             camera = hand_over_undecoded(
                 gr.Image(label="image: upload, webcam or paste", sources=["upload", "webcam", "clipboard"],
@@ -691,6 +730,7 @@ def build_app(default_set: str = "embedded", device: str | None = None, model_se
                 examples=[{"text": e["question"], "files": [str(HERE / "examples" / f) for f in e["files"]]}
                           for e in EXAMPLES],
                 inputs=prompt, label="Examples (held-out images of the synthetic task)",
+                example_labels=[f"{e['question']} (expected: {e['answer']})" for e in EXAMPLES],
             )  # fmt: skip
 
         outputs = [*chats.values(), *stats.values(), *views.values(), histories]

@@ -136,3 +136,18 @@ def test_numbers_count_from_the_submit_and_rates_need_enough_tokens(models):
     assert answer.tokens_per_second is None and "tok/s" not in answer.stats()  # 2-4 tokens: no rate
     long = app.Answer(new_tokens=20, seconds=2.0, time_to_first_token=0.1)
     assert long.tokens_per_second == pytest.approx(19 / 1.9) and "tok/s" in long.stats()
+
+
+def test_words_the_models_never_saw_are_named(models):
+    _, stats, _, _ = run({"text": "What colour is the giraffe?", "files": [EXAMPLE]}, models)
+    for family in app.FAMILIES:
+        assert "never saw the words 'colour', 'giraffe'" in stats[family], stats[family]
+    _, stats, _, _ = run({"text": "What color is the square?", "files": [EXAMPLE]}, models)
+    assert not any("never saw" in s for s in stats.values())
+
+
+def test_the_page_says_what_the_models_were_trained_for():
+    for family in app.FAMILIES:
+        line = app.measured_accuracy(family)
+        assert "held-out accuracy: color" in line and "two images" in line or family == "fuyu", line
+    assert all(e["answer"] for e in app.EXAMPLES)  # each example shows its expected answer

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from .families import FAMILIES, build_processor
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-KEPT_FILES = ("training_log.json",)  # written by training, not by save_pretrained
+KEPT_FILES = ("training_log.json", "evaluation.json")  # written by training and evaluation, not save_pretrained
 
 
 def refresh(folder: str | Path, family: str) -> Path:
