@@ -235,11 +235,11 @@ def _staging_owner_alive(staging: Path) -> bool:
     except (IndexError, ValueError):
         return False
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, another user's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
