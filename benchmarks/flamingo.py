@@ -3,13 +3,13 @@ the per-step cost of the cross-attention itself (ours reads the images' keys/val
 projects the visual tokens again in every block at every step)."""
 
 import torch
-from harness import Report, ours_sharing_weights, paired_median_seconds
+from harness import Report, add_fast_path_rows, ours_sharing_weights, paired_median_seconds
 
-from conversion.idefics import concatenate_vocabulary, config_from_idefics, idefics_rules
-from conversion.key_mapping import KeyMap
-from conversion.tiny import build_idefics_tokenizer, photo_like_image
-from modeling import FlamingoPatternForConditionalGeneration
-from processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
+from vlm_patterns.conversion.idefics import concatenate_vocabulary, config_from_idefics, idefics_rules
+from vlm_patterns.conversion.key_mapping import KeyMap
+from vlm_patterns.conversion.tiny import build_idefics_tokenizer, photo_like_image
+from vlm_patterns.modeling import FlamingoPatternForConditionalGeneration
+from vlm_patterns.processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
 
 # IDEFICS shapes: `cpu` fits a 2-core machine; `idefics-9b` is the published model (random weights).
 PRESETS = {
@@ -124,6 +124,9 @@ def run(preset: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: 
     cross = cross_attention_step(reference, ours, inputs, device, repeats)
     report.add(f"prefill, 3 images + {prompt_tokens} tokens", "ms", prefill[0] * 1e3, prefill[1] * 1e3, False, 1.0)
     report.add(f"decode, {new_tokens} tokens, default (dynamic) cache", "tok/s", decode[0], decode[1], True, 1.0)
+    add_fast_path_rows(
+        report, ours, reference, inputs, reference_inputs, new_tokens, repeats, device, decode_target=1.0
+    )
     blocks = len(ours.model.gated_cross_attn_layers)
     report.add(
         f"cross-attention per decode step ({blocks} blocks, 3 x {ours.config.num_visual_tokens} visual tokens)",
@@ -142,7 +145,7 @@ def run(preset: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: 
 
 def explicit_image_attention(ours, inputs) -> torch.Tensor:
     """IdeficsProcessor's image_attention_mask for these ids (B, T, I), from our rule (proven equal in tests)."""
-    from modeling.flamingo_media import ImageState, image_attention, track_images
+    from vlm_patterns.modeling.flamingo_visibility import ImageState, image_attention, track_images
 
     config = ours.config
     state = ImageState.start(inputs["input_ids"].shape[0], inputs["image_mask"].sum(-1), inputs["input_ids"].device)

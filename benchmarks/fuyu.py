@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import torch
-from harness import Report, ours_sharing_weights, paired_median_seconds
+from harness import Report, add_fast_path_rows, ours_sharing_weights, paired_median_seconds
 
-from conversion.fuyu import FUYU_RULES, config_from_hub, split_interleaved_qkv
-from conversion.tiny import build_fuyu_tokenizer, photo_like_image
-from modeling import FuyuPatternForConditionalGeneration
-from processing import FuyuPatternImageProcessor, FuyuPatternProcessor
+from vlm_patterns.conversion.fuyu import FUYU_RULES, config_from_hub, split_interleaved_qkv
+from vlm_patterns.conversion.tiny import build_fuyu_tokenizer, photo_like_image
+from vlm_patterns.modeling import FuyuPatternForConditionalGeneration
+from vlm_patterns.processing import FuyuPatternImageProcessor, FuyuPatternProcessor
 
 PRESETS = {
     "cpu": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, vocab_size=32000),
@@ -35,7 +35,7 @@ def build_models(preset: str, device: str, dtype: torch.dtype, tokenizer):
     with torch.device(device):
         reference = FuyuForCausalLM(config).to(dtype).eval()
     ours_config = config_from_hub(config.to_dict(), tokenizer.convert_tokens_to_ids("|NEWLINE|"))
-    from conversion.key_mapping import KeyMap
+    from vlm_patterns.conversion.key_mapping import KeyMap
 
     heads = ours_config.text_config.num_attention_heads
     rules = KeyMap(FUYU_RULES, splits=[split_interleaved_qkv(heads)])
@@ -125,6 +125,7 @@ def run(preset: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: 
     )
     report.add(f"decode, {new_tokens} tokens, default (dynamic) cache", "tok/s", decode[0], decode[1], True, 1.0)
     report.add(f"decode, {new_tokens} tokens, static cache", "tok/s", decode_static[0], decode_static[1], True, 1.0)
+    add_fast_path_rows(report, ours, reference, inputs, inputs, new_tokens, repeats, device, decode_target=1.0)
     if device == "cpu":
         peak, shard = conversion_memory()
         report.add(
@@ -141,8 +142,8 @@ def conversion_memory() -> tuple[int, int]:
     """Convert a 6-shard Fuyu checkpoint in a fresh process; (peak RSS increase, largest shard) in bytes."""
     import tempfile
 
-    from conversion.checkpoint_io import ShardWriter, iter_shard
-    from conversion.tiny import build_tiny_fuyu
+    from vlm_patterns.conversion.checkpoint_io import ShardWriter, iter_shard
+    from vlm_patterns.conversion.tiny import build_tiny_fuyu
 
     with tempfile.TemporaryDirectory() as scratch:
         source = build_tiny_fuyu(Path(scratch) / "fuyu", hidden_size=1024, layers=8, num_heads=16)

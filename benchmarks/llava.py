@@ -5,12 +5,12 @@ converter's key map, sharing storage), get the same inputs, and are timed altern
 """
 
 import torch
-from harness import Report, ours_sharing_weights, paired_median_seconds, peak_memory_increase
+from harness import Report, add_fast_path_rows, ours_sharing_weights, paired_median_seconds, peak_memory_increase
 
-from conversion.llava import LLAVA_HF_RULES, build_processor, config_from_llava_hf
-from conversion.tiny import build_tokenizer, photo_like_image
-from modeling import LlavaPatternForConditionalGeneration
-from processing import LlavaPatternImageProcessor
+from vlm_patterns.conversion.llava import LLAVA_HF_RULES, build_processor, config_from_llava_hf
+from vlm_patterns.conversion.tiny import build_tokenizer, photo_like_image
+from vlm_patterns.modeling import LlavaPatternForConditionalGeneration
+from vlm_patterns.processing import LlavaPatternImageProcessor
 
 # (vision tower, language model) shapes. `cpu` is small enough for a 2-core machine; the others are the
 # published shapes (random weights: speed does not depend on the values).
@@ -131,6 +131,7 @@ def run(preset: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: 
     report.add(f"prefill, {prompt_tokens} tokens incl. image", "ms", prefill[0] * 1e3, prefill[1] * 1e3, False, 1.0)
     report.add(f"decode, {new_tokens} tokens, default (dynamic) cache", "tok/s", decode[0], decode[1], True, 1.0)
     report.add(f"decode, {new_tokens} tokens, static cache", "tok/s", decode_static[0], decode_static[1], True, 1.0)
+    add_fast_path_rows(report, ours, reference, inputs, inputs, new_tokens, repeats, device, decode_target=1.0)
     memory = [memory_in_fresh_process(which, preset, device, dtype, new_tokens) for which in ("ours", "reference")]
     unit = "MB CUDA allocated" if device.startswith("cuda") else "MB RSS"
     report.add(

@@ -2,12 +2,12 @@
 on the same weight tensors and the same inputs, in one process."""
 
 import torch
-from harness import Report, ours_sharing_weights, paired_median_seconds, peak_memory_increase
+from harness import Report, add_fast_path_rows, ours_sharing_weights, paired_median_seconds, peak_memory_increase
 
-from conversion.qwen2_vl import QWEN2_VL_RULES, config_from_hub
-from conversion.tiny import build_qwen_tokenizer, photo_like_image
-from modeling import Qwen2VLPatternForConditionalGeneration
-from processing import Qwen2VLPatternImageProcessor, Qwen2VLPatternProcessor
+from vlm_patterns.conversion.qwen2_vl import QWEN2_VL_RULES, config_from_hub
+from vlm_patterns.conversion.tiny import build_qwen_tokenizer, photo_like_image
+from vlm_patterns.modeling import Qwen2VLPatternForConditionalGeneration
+from vlm_patterns.processing import Qwen2VLPatternImageProcessor, Qwen2VLPatternProcessor
 
 BUDGET = 28 * 28 * 1280  # max_pixels: at most 1280 visual tokens per image
 
@@ -148,6 +148,7 @@ def run(preset: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: 
     )
     report.add(f"decode, {new_tokens} tokens, default (dynamic) cache", "tok/s", decode[0], decode[1], True, 1.0)
     report.add(f"decode, {new_tokens} tokens, static cache", "tok/s", decode_static[0], decode_static[1], True, 1.0)
+    add_fast_path_rows(report, ours, reference, ours_inputs, inputs, new_tokens, repeats, device, decode_target=1.0)
 
     memory = [memory_in_fresh_process(which, preset, device, dtype) for which in ("ours", "reference")]
     unit = "MB CUDA allocated" if device.startswith("cuda") else "MB RSS"

@@ -3,9 +3,12 @@
 python benchmarks/run.py llava                                  # CPU preset, 2 threads
 python benchmarks/run.py llava --preset llava-1.5-7b --device cuda --dtype bfloat16
 python benchmarks/run.py llava --readme README.md               # also refresh the README's table
+python benchmarks/run.py llava --preset embedded                # the shipped checkpoint: fast path vs generate
+bash benchmarks/gpu.sh                                          # every GPU preset in one go (H100/H200)
 """
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -13,13 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py and the family modules
 
-import flamingo  # noqa: E402
-import fuyu  # noqa: E402
-import llava  # noqa: E402
-import qwen2_vl  # noqa: E402
 from harness import write_readme_section  # noqa: E402
 
-FAMILIES = {"flamingo": flamingo, "llava": llava, "qwen2_vl": qwen2_vl, "fuyu": fuyu}
+from vlm_patterns.families import FAMILIES  # noqa: E402  (each family's benchmark is benchmarks/<family>.py)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -27,7 +27,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("family", choices=sorted(FAMILIES), help="the pattern to benchmark against transformers")
     parser.add_argument(
-        "--preset", default="cpu", help="model shapes; see PRESETS in benchmarks/<family>.py (default: %(default)s)"
+        "--preset",
+        default="cpu",
+        help="model shapes; see PRESETS in benchmarks/<family>.py, or `embedded`: the shipped checkpoint, fast path "
+        "against transformers' generate (default: %(default)s)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="(default: %(default)s)")
@@ -47,7 +50,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    module = FAMILIES[args.family]
+    module = importlib.import_module(args.family)
+    if args.preset == "embedded":  # the shipped checkpoint, fast path against transformers' generate
+        from harness import run_embedded
+
+        report = run_embedded(args.family, args.new_tokens, args.repeats)
+        print(report.markdown())
+        print(report.to_json())
+        if args.json:
+            args.json.write_text(report.to_json())
+        if args.readme:
+            write_readme_section(args.readme, f"{args.family}:embedded:cpu", report.markdown())
+        return 0
     if args.preset not in module.PRESETS:
         parser.error(f"unknown preset {args.preset!r}; choose from {sorted(module.PRESETS)}")
     if args.measure_memory:

@@ -10,24 +10,28 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
-from modeling import FuyuPatternConfig, FuyuPatternForConditionalGeneration
-from processing import FuyuPatternImageProcessor, FuyuPatternProcessor
+from vlm_patterns.modeling import FuyuPatternConfig, FuyuPatternForConditionalGeneration
+from vlm_patterns.processing import FuyuPatternImageProcessor, FuyuPatternProcessor
+from vlm_patterns.processing.image_ops import resample_code
 
 from .checkpoint_io import (
     DEFAULT_SHARD_BYTES,
-    ShardWriter,
-    atomic_output_dir,
-    check_output,
-    read_json,
-    resolve_source,
     source_processor_config,
     weight_files,
 )
 from .key_mapping import Gather, KeyMap, Split
-from .llava import _source_tensors, _write_weights
-from .model_files import meta_model, write_model_files
+from .pipeline import (
+    meta_model,
+    open_ours,
+    open_source,
+    source_dtype,
+    source_generation_config,
+    source_tensors,
+    write_converted,
+    write_exported,
+)
 
 LAYER = r"model\.language_model\.layers\.(\d+)"
 
@@ -185,55 +189,42 @@ def convert_fuyu(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Convert a Fuyu checkpoint (folder or Hub id, in adept/fuyu-8b's layout) into ours at `output`."""
-    check_output(output, overwrite, [source])
-    folder = resolve_source(source)
-    hub_config = read_json(folder / "config.json")
-    if hub_config.get("model_type") != "fuyu":
-        raise ValueError(f"{source} is not a Fuyu checkpoint (model_type {hub_config.get('model_type')!r})")
+    folder, hub_config = open_source(source, output, overwrite, "fuyu", "Fuyu")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config = config_from_hub(hub_config, tokenizer.convert_tokens_to_ids("|NEWLINE|"))
-    config.dtype = dtype or hub_config.get("dtype") or hub_config.get("torch_dtype")
+    config.dtype = source_dtype(dtype, hub_config)
     model = meta_model(FuyuPatternForConditionalGeneration, config)
     processor = FuyuPatternProcessor(image_processor=image_processor_from_source(folder), tokenizer=tokenizer)
     key_map = KeyMap(FUYU_RULES, splits=[split_interleaved_qkv(config.text_config.num_attention_heads)])
-    generation_config = (
-        GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").exists() else None
+    tensors = key_map.apply(source_tensors(weight_files(folder), "converting Fuyu shards"))
+    generation_config = source_generation_config(folder)
+    return write_converted(
+        output, overwrite, [folder], tensors, model, processor, generation_config, dtype, max_shard_bytes
     )
-    with atomic_output_dir(output, overwrite, [folder]) as staging:
-        items = key_map.apply(_source_tensors(weight_files(folder), "converting Fuyu shards"))
-        _write_weights(items, model, staging, dtype, max_shard_bytes)
-        write_model_files(model, staging, generation_config)
-        processor.save_pretrained(staging)
-    return Path(output)
 
 
 def export_fuyu(
     ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> Path:
     """Write our Fuyu checkpoint in adept/fuyu-8b's layout (fused QKV again); tensors are bit-identical."""
-    check_output(output, overwrite, [ours])
-    folder = resolve_source(ours)
+    folder = open_ours(ours, output, overwrite)
     config = FuyuPatternConfig.from_pretrained(folder)
     hub_config = config_to_hub(config)
     processor = FuyuPatternProcessor.from_pretrained(folder)
     ip = processor.image_processor
     image_json = dict(
         image_processor_type="FuyuImageProcessor", size=ip.size, patch_size={"height": ip.patch_size, "width": ip.patch_size},
-        resample={"nearest": 0, "bilinear": 2, "bicubic": 3}[ip.resample], padding_value=float(ip.padding_value),
+        resample=resample_code(ip.resample), padding_value=float(ip.padding_value),
         padding_mode="constant", do_resize=True, do_pad=True, do_rescale=ip.do_rescale, rescale_factor=ip.rescale_factor,
         do_normalize=ip.do_normalize, image_mean=ip.image_mean, image_std=ip.image_std,
     )  # fmt: skip
     key_map = KeyMap(EXPORT_RULES, gathers=[interleave_qkv(config.text_config.num_attention_heads)])
-    with atomic_output_dir(output, overwrite, [folder]) as staging:
-        writer = ShardWriter(staging, max_shard_bytes)
-        for key, tensor in key_map.apply(_source_tensors(weight_files(folder), "exporting shards")):
-            writer.add(key, tensor)
-        writer.finish()
+
+    def write_files(staging: Path) -> None:
         (staging / "config.json").write_text(
             json.dumps({k: v for k, v in hub_config.items() if v is not None}, indent=2)
         )
-        if (folder / "generation_config.json").exists():
-            GenerationConfig.from_pretrained(folder).save_pretrained(staging)
         (staging / "preprocessor_config.json").write_text(json.dumps(image_json, indent=2))
         processor.tokenizer.save_pretrained(staging)
-    return Path(output)
+
+    return write_exported(folder, output, overwrite, key_map, max_shard_bytes, write_files)

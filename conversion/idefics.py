@@ -12,24 +12,30 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
-from modeling import FlamingoPatternConfig, FlamingoPatternForConditionalGeneration
-from processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
-from processing.processing_flamingo import flamingo_chat_template
+from vlm_patterns.modeling import FlamingoPatternConfig, FlamingoPatternForConditionalGeneration
+from vlm_patterns.processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
+from vlm_patterns.processing.image_ops import resample_code
+from vlm_patterns.processing.processing_flamingo import flamingo_chat_template
 
 from .checkpoint_io import (
     DEFAULT_SHARD_BYTES,
-    ShardWriter,
-    atomic_output_dir,
-    check_output,
-    read_json,
-    resolve_source,
     weight_files,
 )
 from .key_mapping import Gather, KeyMap, Split
-from .llava import _source_chat_template, _source_image_config, _source_tensors, _write_weights
-from .model_files import meta_model, write_model_files
+from .pipeline import (
+    meta_model,
+    open_ours,
+    open_source,
+    source_chat_template,
+    source_dtype,
+    source_generation_config,
+    source_image_config,
+    source_tensors,
+    write_converted,
+    write_exported,
+)
 
 FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE = "<fake_token_around_image>", "<image>", "<end_of_utterance>"
 
@@ -170,10 +176,10 @@ def config_to_idefics(config: FlamingoPatternConfig, base_vocab: int) -> dict:
     return hf
 
 
-def build_processor(source_folder: Path, tokenizer) -> FlamingoPatternProcessor:
+def build_processor(source_folder: Path, tokenizer, visual_tokens_per_image: int) -> FlamingoPatternProcessor:
     """IDEFICS's prompt format: `<s>` as text, each run of images wrapped in `<fake_token_around_image>`, and
     IDEFICS-instruct's `<end_of_utterance>` in the chat template when the tokenizer has it."""
-    image_config = _source_image_config(source_folder)
+    image_config = source_image_config(source_folder)
     size = image_config.get("size") or {"height": image_config["image_size"], "width": image_config["image_size"]}
     image_processor = FlamingoPatternImageProcessor(
         size={"height": size["height"], "width": size["width"]},
@@ -189,7 +195,8 @@ def build_processor(source_folder: Path, tokenizer) -> FlamingoPatternProcessor:
         image_token=IMAGE_TOKEN,
         fake_image_token=FAKE_IMAGE_TOKEN,
         bos_as_text=True,
-        chat_template=_source_chat_template(source_folder)
+        visual_tokens_per_image=visual_tokens_per_image,
+        chat_template=source_chat_template(source_folder)
         or flamingo_chat_template(END_OF_UTTERANCE if has_eou else ""),
     )
 
@@ -207,30 +214,22 @@ def convert_idefics(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Convert an IDEFICS checkpoint (folder or Hub id, in `HuggingFaceM4/idefics-9b`'s layout) into ours."""
-    check_output(output, overwrite, [source])
-    folder = resolve_source(source)
-    hub_config = read_json(folder / "config.json")
-    if hub_config.get("model_type") != "idefics":
-        raise ValueError(f"{source} is not an IDEFICS checkpoint (model_type {hub_config.get('model_type')!r})")
+    folder, hub_config = open_source(source, output, overwrite, "idefics", "IDEFICS")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     for token in (IMAGE_TOKEN, FAKE_IMAGE_TOKEN):
         if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"The tokenizer in {source} has no {token} token")
     config = config_from_idefics(hub_config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    config.dtype = dtype or hub_config.get("dtype") or hub_config.get("torch_dtype")
+    config.dtype = source_dtype(dtype, hub_config)
     model = meta_model(FlamingoPatternForConditionalGeneration, config)
     decoupled = hub_config.get("additional_vocab_size", 0) > 0
     key_map = KeyMap(idefics_rules(decoupled), gathers=concatenate_vocabulary() if decoupled else [])
-    processor = build_processor(folder, tokenizer)
-    generation_config = (
-        GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").exists() else None
+    processor = build_processor(folder, tokenizer, config.num_visual_tokens)
+    tensors = key_map.apply(source_tensors(weight_files(folder), "converting IDEFICS shards"))
+    generation_config = source_generation_config(folder)
+    return write_converted(
+        output, overwrite, [folder], tensors, model, processor, generation_config, dtype, max_shard_bytes
     )
-    with atomic_output_dir(output, overwrite, [folder]) as staging:
-        items = key_map.apply(_source_tensors(weight_files(folder), "converting IDEFICS shards"))
-        _write_weights(items, model, staging, dtype, max_shard_bytes)
-        write_model_files(model, staging, generation_config)
-        processor.save_pretrained(staging)
-    return Path(output)
 
 
 def export_idefics(
@@ -240,8 +239,7 @@ def export_idefics(
     Tensors are copied bit for bit; the vocabulary is split back into frozen and additional rows."""
     from transformers import IdeficsImageProcessorPil, IdeficsProcessor
 
-    check_output(output, overwrite, [ours])
-    folder = resolve_source(ours)
+    folder = open_ours(ours, output, overwrite)
     config = FlamingoPatternConfig.from_pretrained(folder)
     processor = FlamingoPatternProcessor.from_pretrained(folder)
     tokenizer = processor.tokenizer
@@ -254,22 +252,18 @@ def export_idefics(
     hf_processor = IdeficsProcessor(
         image_processor=IdeficsImageProcessorPil(
             image_size=ip.size["height"], image_mean=ip.image_mean, image_std=ip.image_std,
-            resample={"nearest": 0, "bilinear": 2, "bicubic": 3}[ip.resample],
+            resample=resample_code(ip.resample),
         ),
         tokenizer=tokenizer,
     )  # fmt: skip
     key_map = KeyMap(
         EXPORT_RULES, splits=split_vocabulary(base_vocab) if base_vocab < config.text_config.vocab_size else []
     )
-    with atomic_output_dir(output, overwrite, [folder]) as staging:
-        writer = ShardWriter(staging, max_shard_bytes)
-        for key, tensor in key_map.apply(_source_tensors(weight_files(folder), "exporting shards")):
-            writer.add(key, tensor)
-        writer.finish()
+
+    def write_files(staging: Path) -> None:
         hf_config.save_pretrained(staging)
-        if (folder / "generation_config.json").exists():
-            GenerationConfig.from_pretrained(folder).save_pretrained(staging)
         hf_processor.save_pretrained(staging)
         if processor.chat_template:
             (staging / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
-    return Path(output)
+
+    return write_exported(folder, output, overwrite, key_map, max_shard_bytes, write_files)

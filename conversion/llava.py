@@ -13,29 +13,35 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import AddedToken
 
-from modeling import LlavaPatternConfig, LlavaPatternForConditionalGeneration
-from processing import LlavaPatternImageProcessor, LlavaPatternProcessor
-from processing.processing_llava import LLAVA_CHAT_TEMPLATE
+from vlm_patterns.modeling import LlavaPatternConfig, LlavaPatternForConditionalGeneration
+from vlm_patterns.processing import LlavaPatternImageProcessor, LlavaPatternProcessor
+from vlm_patterns.processing.image_ops import resample_code
+from vlm_patterns.processing.processing_llava import LLAVA_CHAT_TEMPLATE
 
 from .chat_templates import choose_chat_template
 from .checkpoint_io import (
     DEFAULT_SHARD_BYTES,
-    ShardWriter,
-    atomic_output_dir,
     check_output,
     checkpoint_keys,
-    iter_shard,
     read_json,
     resolve_source,
-    source_processor_config,
     weight_files,
 )
-from .key_mapping import KeyMap, check_against
-from .model_files import expected_tensors, meta_model, write_model_files
+from .key_mapping import KeyMap
+from .pipeline import (
+    meta_model,
+    open_ours,
+    source_chat_template,
+    source_dtype,
+    source_generation_config,
+    source_image_config,
+    source_tensors,
+    write_converted,
+    write_exported,
+)
 from .text_models import decoder_fields, transformers_text_config
 
 # llava-hf layout -> ours. The Hub's files name the CLIP tower `vision_tower.vision_model.*`; transformers 5.24
@@ -187,19 +193,6 @@ def _image_processor_from_json(image_config: dict, **overrides) -> LlavaPatternI
     return LlavaPatternImageProcessor(**{k: image_config[k] for k in keys if k in image_config}, **overrides)
 
 
-def _source_image_config(folder: Path) -> dict:
-    return source_processor_config(folder, "image_processor")
-
-
-def _source_chat_template(folder: Path) -> str | None:
-    if (folder / "chat_template.jinja").exists():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    for name in ("chat_template.json", "processor_config.json"):
-        if (folder / name).exists() and read_json(folder / name).get("chat_template"):
-            return read_json(folder / name)["chat_template"]
-    return None
-
-
 def build_processor(
     config: LlavaPatternConfig,
     tokenizer: PreTrainedTokenizerBase,
@@ -217,27 +210,6 @@ def build_processor(
         image_token=image_token,
         chat_template=choose_chat_template(chat_template, LLAVA_CHAT_TEMPLATE, tokenizer.special_tokens_map),
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Weights
-
-
-def _cast(items: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    for key, tensor in items:
-        yield key, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-
-
-def _source_tensors(files: list[Path], description: str) -> Iterator[tuple[str, torch.Tensor]]:
-    for path in tqdm(files, desc=description, unit="shard"):
-        yield from iter_shard(path)
-
-
-def _write_weights(items, model, folder: Path, dtype, max_shard_bytes: int) -> list[str]:
-    writer = ShardWriter(folder, max_shard_bytes)
-    for key, tensor in check_against(_cast(items, dtype), expected_tensors(model)):
-        writer.add(key, tensor)
-    return writer.finish()
 
 
 def convert_llava(
@@ -265,23 +237,22 @@ def convert_llava(
         raise ValueError(f"{source} is not a LLaVA checkpoint (model_type {hf_config.get('model_type')!r})")
 
     config = config_from_llava_hf(hf_config)
-    config.dtype = dtype or hf_config.get("dtype") or hf_config.get("torch_dtype")
+    config.dtype = source_dtype(dtype, hf_config)
     model = meta_model(LlavaPatternForConditionalGeneration, config)
-    key_map = KeyMap(LLAVA_HF_RULES)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    image_processor = _image_processor_from_json(_source_image_config(folder))
-    processor = build_processor(config, tokenizer, image_processor, _source_chat_template(folder))
-    with atomic_output_dir(output, overwrite, [folder]) as staging:
-        items = key_map.apply(_source_tensors(weight_files(folder), "converting llava-hf shards"))
-        _write_weights(items, model, staging, dtype, max_shard_bytes)
-        write_model_files(model, staging, _generation_config(folder, config))
-        processor.save_pretrained(staging)
-    return Path(output)
+    image_processor = _image_processor_from_json(source_image_config(folder))
+    processor = build_processor(config, tokenizer, image_processor, source_chat_template(folder))
+    tensors = KeyMap(LLAVA_HF_RULES).apply(source_tensors(weight_files(folder), "converting llava-hf shards"))
+    generation_config = _generation_config(folder, config)
+    return write_converted(
+        output, overwrite, [folder], tensors, model, processor, generation_config, dtype, max_shard_bytes
+    )
 
 
 def _generation_config(folder: Path, config: LlavaPatternConfig) -> GenerationConfig:
+    """The source's own, else one from the language model's special tokens (the original layout has none)."""
     if (folder / "generation_config.json").exists():
-        return GenerationConfig.from_pretrained(folder)
+        return source_generation_config(folder)
     text = config.text_config
     return GenerationConfig(
         bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
@@ -389,21 +360,20 @@ def _convert_original(folder, hf_config, output, dtype, vision_tower, overwrite,
 
     llava_files = weight_files(folder)
     has_tower = any(key.startswith("model.vision_tower.") for key in checkpoint_keys(folder))
-    tensors = _source_tensors(llava_files, "converting LLaVA shards")
+    tensors = source_tensors(llava_files, "converting LLaVA shards")
     items = VocabularyPadding(vocab_size, seed)(KeyMap(ORIGINAL_RULES).apply(tensors))
     if not has_tower:
         items = _chain(
-            items, KeyMap(CLIP_TOWER_RULES).apply(_source_tensors(weight_files(tower), "adding the CLIP tower"))
+            items, KeyMap(CLIP_TOWER_RULES).apply(source_tensors(weight_files(tower), "adding the CLIP tower"))
         )
 
-    image_config = _source_image_config(tower)
+    image_config = source_image_config(tower)
     image_processor = _image_processor_from_json(image_config, do_pad=hf_config.get("image_aspect_ratio") == "pad")
     processor = build_processor(config, tokenizer, image_processor)
-    with atomic_output_dir(output, overwrite, [folder, tower]) as staging:
-        _write_weights(items, model, staging, dtype, max_shard_bytes)
-        write_model_files(model, staging, _generation_config(folder, config))
-        processor.save_pretrained(staging)
-    return Path(output)
+    generation_config = _generation_config(folder, config)
+    return write_converted(
+        output, overwrite, [folder, tower], items, model, processor, generation_config, dtype, max_shard_bytes
+    )
 
 
 def _chain(*iterators):
@@ -422,13 +392,12 @@ def export_llava(
     `LlavaProcessor` files), which transformers, vLLM and SGLang load. Tensors are copied bit for bit."""
     from transformers import LlavaImageProcessorPil, LlavaProcessor
 
-    check_output(output, overwrite, [ours])
-    folder = resolve_source(ours)
+    folder = open_ours(ours, output, overwrite)
     config = LlavaPatternConfig.from_pretrained(folder)
     hf_config = config_to_llava_hf(config)  # raises early for what transformers' class cannot express
     processor = LlavaPatternProcessor.from_pretrained(folder)
     ip = processor.image_processor
-    resample = {"nearest": 0, "bilinear": 2, "bicubic": 3}[ip.resample]
+    resample = resample_code(ip.resample)
     hf_image_processor = LlavaImageProcessorPil(
         do_resize=ip.do_resize, size=ip.size, resample=resample, do_center_crop=ip.do_center_crop,
         crop_size=ip.crop_size, do_pad=ip.do_pad, do_rescale=ip.do_rescale, rescale_factor=ip.rescale_factor,
@@ -443,14 +412,9 @@ def export_llava(
         image_token=processor.image_token,
         chat_template=processor.chat_template,
     )
-    key_map = KeyMap(EXPORT_RULES)
-    with atomic_output_dir(output, overwrite, [folder]) as staging:
-        writer = ShardWriter(staging, max_shard_bytes)
-        for key, tensor in key_map.apply(_source_tensors(weight_files(folder), "exporting shards")):
-            writer.add(key, tensor)
-        writer.finish()
+
+    def write_files(staging: Path) -> None:
         hf_config.save_pretrained(staging)
-        if (folder / "generation_config.json").exists():
-            GenerationConfig.from_pretrained(folder).save_pretrained(staging)
         hf_processor.save_pretrained(staging)
-    return Path(output)
+
+    return write_exported(folder, output, overwrite, KeyMap(EXPORT_RULES), max_shard_bytes, write_files)

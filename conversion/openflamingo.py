@@ -26,13 +26,17 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from modeling import FlamingoPatternConfig, FlamingoPatternForConditionalGeneration
-from processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
+from vlm_patterns.modeling import FlamingoPatternConfig, FlamingoPatternForConditionalGeneration
+from vlm_patterns.processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
 
-from .checkpoint_io import DEFAULT_SHARD_BYTES, atomic_output_dir, check_output, resolve_source, weight_files
+from .checkpoint_io import DEFAULT_SHARD_BYTES, check_output, resolve_source, weight_files
 from .key_mapping import KeyMap, Split
-from .llava import _source_image_config, _source_tensors, _write_weights
-from .model_files import meta_model, write_model_files
+from .pipeline import (
+    meta_model,
+    source_image_config,
+    source_tensors,
+    write_converted,
+)
 from .text_models import decoder_fields
 
 END_OF_CHUNK, IMAGE_TOKEN, PAD_TOKEN = "<|endofchunk|>", "<image>", "<PAD>"
@@ -258,8 +262,8 @@ def convert_openflamingo(
     renamed = list(from_checkpoint.apply((key, state[key]) for key in state))
     covered = {key for key, _ in renamed}
     grow = GrowVocabulary(len(text_tokenizer), getattr(language_config, "initializer_range", 0.02), seed)
-    base = KeyMap(LLAMA_RULES).apply(_source_tensors(weight_files(language_dir), "adding the base language model"))
-    tower = KeyMap(CLIP_RULES).apply(_source_tensors(weight_files(vision_dir), "adding the CLIP tower"))
+    base = KeyMap(LLAMA_RULES).apply(source_tensors(weight_files(language_dir), "adding the base language model"))
+    tower = KeyMap(CLIP_RULES).apply(source_tensors(weight_files(vision_dir), "adding the CLIP tower"))
 
     def merged() -> Iterator[tuple[str, torch.Tensor]]:
         yield from renamed
@@ -268,7 +272,10 @@ def convert_openflamingo(
 
     image_processor = open_clip_image_processor(vision_dir, clip_config)
     processor = FlamingoPatternProcessor(
-        image_processor=image_processor, tokenizer=text_tokenizer, end_of_chunk_token=END_OF_CHUNK
+        image_processor=image_processor,
+        tokenizer=text_tokenizer,
+        end_of_chunk_token=END_OF_CHUNK,
+        visual_tokens_per_image=config.num_visual_tokens,
     )
     end_of_chunk = text_tokenizer.convert_tokens_to_ids(END_OF_CHUNK)
     generation_config = GenerationConfig(
@@ -277,11 +284,10 @@ def convert_openflamingo(
         + ([text_tokenizer.eos_token_id] if text_tokenizer.eos_token_id is not None else []),
         pad_token_id=text_tokenizer.pad_token_id,
     )
-    with atomic_output_dir(output, overwrite, [checkpoint, language_dir, vision_dir]) as staging:
-        _write_weights(merged(), model, staging, dtype, max_shard_bytes)
-        write_model_files(model, staging, generation_config)
-        processor.save_pretrained(staging)
-    return Path(output)
+    sources = [checkpoint, language_dir, vision_dir]
+    return write_converted(
+        output, overwrite, sources, merged(), model, processor, generation_config, dtype, max_shard_bytes
+    )
 
 
 IMAGE_KEYS = {
@@ -297,5 +303,5 @@ def open_clip_image_processor(vision_dir: Path, clip_config) -> FlamingoPatternI
     side = vision.image_size
     settings = dict(size={"shortest_edge": side}, do_center_crop=True, crop_size={"height": side, "width": side})
     if (vision_dir / "preprocessor_config.json").exists() or (vision_dir / "processor_config.json").exists():
-        settings |= {k: v for k, v in _source_image_config(vision_dir).items() if k in IMAGE_KEYS}
+        settings |= {k: v for k, v in source_image_config(vision_dir).items() if k in IMAGE_KEYS}
     return FlamingoPatternImageProcessor(**settings)

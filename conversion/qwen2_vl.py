@@ -9,26 +9,31 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
-from modeling import Qwen2VLPatternConfig, Qwen2VLPatternForConditionalGeneration
-from processing import Qwen2VLPatternImageProcessor, Qwen2VLPatternProcessor
-from processing.processing_qwen2_vl import QWEN2_VL_CHAT_TEMPLATE
+from vlm_patterns.modeling import Qwen2VLPatternConfig, Qwen2VLPatternForConditionalGeneration
+from vlm_patterns.processing import Qwen2VLPatternImageProcessor, Qwen2VLPatternProcessor
+from vlm_patterns.processing.image_ops import resample_code
+from vlm_patterns.processing.processing_qwen2_vl import QWEN2_VL_CHAT_TEMPLATE
 
 from .chat_templates import choose_chat_template
 from .checkpoint_io import (
     DEFAULT_SHARD_BYTES,
-    ShardWriter,
-    atomic_output_dir,
-    check_output,
     read_json,
-    resolve_source,
     source_processor_config,
     weight_files,
 )
 from .key_mapping import KeyMap
-from .llava import _source_tensors, _write_weights
-from .model_files import meta_model, write_model_files
+from .pipeline import (
+    meta_model,
+    open_ours,
+    open_source,
+    source_dtype,
+    source_generation_config,
+    source_tensors,
+    write_converted,
+    write_exported,
+)
 from .text_models import decoder_fields, transformers_text_config
 
 # Hub layout -> ours. Also accepted: transformers 5.x's in-memory names, and the doubled `model.language_model.model.`
@@ -153,13 +158,9 @@ def convert_qwen2_vl(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Convert a Qwen2-VL checkpoint (folder or Hub id, Hub layout) into ours at `output`."""
-    check_output(output, overwrite, [source])
-    folder = resolve_source(source)
-    hub_config = read_json(folder / "config.json")
-    if hub_config.get("model_type") != "qwen2_vl":
-        raise ValueError(f"{source} is not a Qwen2-VL checkpoint (model_type {hub_config.get('model_type')!r})")
+    folder, hub_config = open_source(source, output, overwrite, "qwen2_vl", "Qwen2-VL")
     config = config_from_hub(hub_config)
-    config.dtype = dtype or hub_config.get("dtype") or hub_config.get("torch_dtype")
+    config.dtype = source_dtype(dtype, hub_config)
     model = meta_model(Qwen2VLPatternForConditionalGeneration, config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     processor = Qwen2VLPatternProcessor(
@@ -169,28 +170,23 @@ def convert_qwen2_vl(
             _chat_template(folder), QWEN2_VL_CHAT_TEMPLATE, tokenizer.special_tokens_map
         ),
     )
-    generation_config = (
-        GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").exists() else None
+    tensors = KeyMap(QWEN2_VL_RULES).apply(source_tensors(weight_files(folder), "converting Qwen2-VL shards"))
+    generation_config = source_generation_config(folder)
+    return write_converted(
+        output, overwrite, [folder], tensors, model, processor, generation_config, dtype, max_shard_bytes
     )
-    with atomic_output_dir(output, overwrite, [folder]) as staging:
-        items = KeyMap(QWEN2_VL_RULES).apply(_source_tensors(weight_files(folder), "converting Qwen2-VL shards"))
-        _write_weights(items, model, staging, dtype, max_shard_bytes)
-        write_model_files(model, staging, generation_config)
-        processor.save_pretrained(staging)
-    return Path(output)
 
 
 def export_qwen2_vl(
     ours: str | Path, output: str | Path, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> Path:
     """Write our Qwen2-VL checkpoint in the Hub's layout (transformers, vLLM and SGLang load it); bit-exact tensors."""
-    check_output(output, overwrite, [ours])
-    folder = resolve_source(ours)
+    folder = open_ours(ours, output, overwrite)
     config = Qwen2VLPatternConfig.from_pretrained(folder)
     hf_config = config_to_hub(config)
     processor = Qwen2VLPatternProcessor.from_pretrained(folder)
     ip = processor.image_processor
-    resample = {"nearest": 0, "bilinear": 2, "bicubic": 3}[ip.resample]
+    resample = resample_code(ip.resample)
     common = dict(
         patch_size=ip.patch_size, temporal_patch_size=ip.temporal_patch_size, merge_size=ip.merge_size,
         image_mean=ip.image_mean, image_std=ip.image_std, rescale_factor=ip.rescale_factor, do_rescale=ip.do_rescale,
@@ -200,16 +196,12 @@ def export_qwen2_vl(
                       size={"shortest_edge": ip.min_pixels, "longest_edge": ip.max_pixels})  # fmt: skip
     video_json = dict(common, video_processor_type="Qwen2VLVideoProcessor", min_pixels=ip.video_min_pixels,
                       max_pixels=ip.video_max_pixels, size={"shortest_edge": ip.video_min_pixels, "longest_edge": ip.video_max_pixels})  # fmt: skip
-    with atomic_output_dir(output, overwrite, [folder]) as staging:
-        writer = ShardWriter(staging, max_shard_bytes)
-        for key, tensor in KeyMap(EXPORT_RULES).apply(_source_tensors(weight_files(folder), "exporting shards")):
-            writer.add(key, tensor)
-        writer.finish()
+
+    def write_files(staging: Path) -> None:
         hf_config.save_pretrained(staging)
-        if (folder / "generation_config.json").exists():
-            GenerationConfig.from_pretrained(folder).save_pretrained(staging)
         (staging / "preprocessor_config.json").write_text(json.dumps(image_json, indent=2))
         (staging / "video_preprocessor_config.json").write_text(json.dumps(video_json, indent=2))
         processor.tokenizer.save_pretrained(staging)
         (staging / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}, indent=2))
-    return Path(output)
+
+    return write_exported(folder, output, overwrite, KeyMap(EXPORT_RULES), max_shard_bytes, write_files)

@@ -4,7 +4,7 @@ Llama, Qwen2 and Qwen2-VL's text model map onto `TextDecoderConfig`; anything el
 never approximated.
 """
 
-from modeling.configuration_backbones import TextDecoderConfig
+from vlm_patterns.modeling.configuration_backbones import TextDecoderConfig
 
 SUPPORTED = ("llama", "qwen2", "qwen2_vl_text")
 

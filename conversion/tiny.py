@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from processing.processing_llava import LLAVA_CHAT_TEMPLATE
+from vlm_patterns.processing.processing_llava import LLAVA_CHAT_TEMPLATE
 
 TINY_CORPUS = [
     "USER: What is in the image? ASSISTANT: A red circle on a blue square.",
@@ -317,7 +317,7 @@ def build_tiny_qwen2_vl(
 
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    from processing.processing_qwen2_vl import QWEN2_VL_CHAT_TEMPLATE
+    from vlm_patterns.processing.processing_qwen2_vl import QWEN2_VL_CHAT_TEMPLATE
 
     folder = Path(folder)
     tokenizer = build_qwen_tokenizer()

@@ -10,7 +10,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from processing.processing_fuyu import ANSWER_MARK
+from vlm_patterns.processing.processing_fuyu import ANSWER_MARK
 
 from .checkpoint_io import read_json, resolve_source
 
@@ -95,8 +95,18 @@ def _compare(
     return diff, reference_tokens, our_tokens
 
 
+@dataclass
+class Reference:
+    """transformers' implementation of one source layout, loaded on the same weights, and its own inputs for the
+    prompt (which must agree with ours); `extra` goes to its forward besides the shared tensors."""
+
+    model: torch.nn.Module
+    inputs: dict
+    extra: dict = field(default_factory=dict)
+
+
 def verify(
-    family: str,
+    reference_for,
     source: str | Path,
     converted: str | Path,
     *,
@@ -105,90 +115,119 @@ def verify(
     images: list | None = None,
     question: str = "What is in the image?",
     max_new_tokens: int = 8,
-    vision_tower: str | Path | None = None,
-    vision: str | Path | None = None,
-    language: str | Path | None = None,
+    few_shot: bool = False,
+    resolve: bool = True,
+    **sources,
 ) -> ParityReport:
-    """Our converted checkpoint vs transformers' reference on the same weights and the same tensors.
-
-    References: `LlavaForConditionalGeneration` (llava-hf sources); for the original LLaVA layout, the original
-    forward assembled from transformers' `CLIPVisionModel` and `LlamaForCausalLM`; `Qwen2VLForConditionalGeneration`;
-    `FuyuForCausalLM`; `IdeficsForVisionText2Text` (idefics, with IdeficsProcessor's image attention mask);
-    for openflamingo (`source` is checkpoint.pt, with its `vision` and `language` bases) OpenFlamingo's forward
-    assembled from those three sources (openflamingo_reference.py), with CLIPImageProcessor for the pixels.
-    Processors are compared too: token ids must be identical, pixels within the bound of `pixels_agree`.
-    """
+    """Our converted checkpoint vs `reference_for(source_dir, images, prompt, ours, dtype, device, **sources)` on
+    the same weights and the same tensors. Processors are compared too: token ids must be identical, pixels within
+    the bound of `pixels_agree`. `few_shot`: an in-context prompt instead of a chat turn (OpenFlamingo's format)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import modeling  # noqa: F401  (registers our classes with the Auto API)
-
-    family = {"flamingo": "idefics"}.get(family, family)
-    source_dir = Path(source) if family == "openflamingo" else resolve_source(source)
-    images = images or [default_test_image()]
+    source_dir = resolve_source(source) if resolve else Path(source)
     processor = AutoProcessor.from_pretrained(converted)
+    images = (images or [default_test_image()])[: processor.max_images_per_prompt]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    if family == "openflamingo":  # OpenFlamingo is a few-shot model: an in-context prompt, no chat turns
+    if few_shot:
         prompt = processor.few_shot_prompt([f"An image of {i}." for i in range(len(images) - 1)], "An image of")
-    inputs = processor(images=images if family != "fuyu" else images[:1], text=prompt)
+    inputs = processor(images=[images], text=prompt)
     ours = AutoModelForImageTextToText.from_pretrained(converted, dtype=dtype).to(device).eval()
+    reference = reference_for(source_dir, images, prompt, ours, dtype, device, **sources)
 
-    reference_extra = {}
-    if family == "openflamingo":
-        from transformers import CLIPImageProcessorPil
-
-        from .openflamingo_reference import OpenFlamingoReference
-
-        if vision is None or language is None:
-            raise ValueError("OpenFlamingo verification needs the CLIP tower (vision) and base model (language)")
-        reference = OpenFlamingoReference(source_dir, resolve_source(vision), resolve_source(language), ours, dtype)
-        reference = reference.to(device)
-        pixels = CLIPImageProcessorPil.from_pretrained(resolve_source(vision))(images, return_tensors="pt")
-        reference_inputs = {"input_ids": inputs["input_ids"], "pixel_values": pixels["pixel_values"]}
-        reference_extra["eos_token_ids"] = tuple(_as_list(ours.generation_config.eos_token_id))
-    elif family == "idefics":
-        from transformers import IdeficsForVisionText2Text
-
-        reference = IdeficsForVisionText2Text.from_pretrained(source_dir, dtype=dtype).to(device).eval()
-        reference_inputs = idefics_reference_inputs(source_dir, [images], [prompt])
-        reference_extra["image_attention_mask"] = reference_inputs["image_attention_mask"].to(device)
-    elif family == "fuyu":
-        from transformers import FuyuForCausalLM
-
-        reference = FuyuForCausalLM.from_pretrained(source_dir, dtype=dtype).to(device).eval()
-        # Our chat template ends a generation prompt with the begin-of-answer mark; transformers' FuyuProcessor
-        # takes the plain prompt and adds that token itself.
-        reference_inputs = fuyu_reference_inputs(source_dir, images[:1], [prompt.removesuffix(ANSWER_MARK)])
-    elif family == "qwen2_vl":
-        from transformers import Qwen2VLForConditionalGeneration
-
-        reference = Qwen2VLForConditionalGeneration.from_pretrained(source_dir, dtype=dtype).to(device).eval()
-        reference_inputs = qwen2_vl_reference_inputs(source_dir, images, prompt)
-        reference_extra["mm_token_type_ids"] = reference_inputs["mm_token_type_ids"].to(device)
-    elif {"mm_projector_type", "mm_vision_tower"} & set(read_json(source_dir / "config.json")):
-        reference = OriginalLlavaReference(source_dir, ours, vision_tower, dtype=dtype).to(device)
-        reference_inputs = reference.process(images, prompt)
-    else:
-        from transformers import LlavaForConditionalGeneration
-
-        reference = LlavaForConditionalGeneration.from_pretrained(source_dir, dtype=dtype).to(device).eval()
-        reference_inputs = AutoProcessor.from_pretrained(source_dir)(images=images, text=prompt, return_tensors="pt")
-
-    ids_equal = torch.equal(reference_inputs["input_ids"], inputs["input_ids"])
+    reference_ids = reference.inputs["input_ids"]  # None: the reference reads our token ids (same tokenizer)
+    ids_equal = reference_ids is None or torch.equal(reference_ids, inputs["input_ids"])
     pixels = pixel_agreement_for(
-        reference_inputs["pixel_values"], inputs["pixel_values"], processor.image_processor.image_std
+        reference.inputs["pixel_values"], inputs["pixel_values"], processor.image_processor.image_std
     )
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
-    diff, reference_tokens, our_tokens = _compare(reference, ours, inputs, reference_extra, max_new_tokens)
+    diff, reference_tokens, our_tokens = _compare(reference.model, ours, inputs, reference.extra, max_new_tokens)
     return ParityReport(diff, LOGIT_TOLERANCE[dtype], reference_tokens, our_tokens, ids_equal, *pixels)
+
+
+def llava_reference(source_dir, images, prompt, ours, dtype, device, vision_tower=None) -> Reference:
+    """`LlavaForConditionalGeneration` (llava-hf layout); for the original LLaVA layout, the original forward
+    assembled from transformers' `CLIPVisionModel` and `LlamaForCausalLM`."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if {"mm_projector_type", "mm_vision_tower"} & set(read_json(source_dir / "config.json")):
+        reference = OriginalLlavaReference(source_dir, ours, vision_tower, dtype=dtype).to(device)
+        return Reference(reference, reference.process(images, prompt))
+    reference = LlavaForConditionalGeneration.from_pretrained(source_dir, dtype=dtype).to(device).eval()
+    return Reference(
+        reference, AutoProcessor.from_pretrained(source_dir)(images=images, text=prompt, return_tensors="pt")
+    )
+
+
+def qwen2_vl_reference(source_dir, images, prompt, ours, dtype, device) -> Reference:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    reference = Qwen2VLForConditionalGeneration.from_pretrained(source_dir, dtype=dtype).to(device).eval()
+    inputs = qwen2_vl_reference_inputs(source_dir, images, prompt)
+    return Reference(reference, inputs, {"mm_token_type_ids": inputs["mm_token_type_ids"].to(device)})
+
+
+def fuyu_reference(source_dir, images, prompt, ours, dtype, device) -> Reference:
+    from transformers import FuyuForCausalLM
+
+    reference = FuyuForCausalLM.from_pretrained(source_dir, dtype=dtype).to(device).eval()
+    # Our chat template ends a generation prompt with the begin-of-answer mark; transformers' FuyuProcessor
+    # takes the plain prompt and adds that token itself.
+    return Reference(reference, fuyu_reference_inputs(source_dir, images, [prompt.removesuffix(ANSWER_MARK)]))
+
+
+def idefics_reference(source_dir, images, prompt, ours, dtype, device) -> Reference:
+    """`IdeficsForVisionText2Text`, with IdeficsProcessor's image attention mask."""
+    from transformers import IdeficsForVisionText2Text
+
+    reference = IdeficsForVisionText2Text.from_pretrained(source_dir, dtype=dtype).to(device).eval()
+    inputs = idefics_reference_inputs(source_dir, [images], [prompt])
+    return Reference(reference, inputs, {"image_attention_mask": inputs["image_attention_mask"].to(device)})
+
+
+def openflamingo_reference(checkpoint, images, prompt, ours, dtype, device, vision=None, language=None) -> Reference:
+    """OpenFlamingo's forward assembled from its three sources (openflamingo_reference.py: checkpoint.pt, its CLIP
+    tower and its base language model), with CLIPImageProcessor for the pixels."""
+    from transformers import CLIPImageProcessorPil
+
+    from .openflamingo_reference import OpenFlamingoReference
+
+    if vision is None or language is None:
+        raise ValueError("OpenFlamingo verification needs the CLIP tower (vision) and base model (language)")
+    reference = OpenFlamingoReference(checkpoint, resolve_source(vision), resolve_source(language), ours, dtype)
+    pixels = CLIPImageProcessorPil.from_pretrained(resolve_source(vision))(images, return_tensors="pt")
+    inputs = {"input_ids": None, "pixel_values": pixels["pixel_values"]}
+    return Reference(
+        reference.to(device), inputs, {"eos_token_ids": tuple(_as_list(ours.generation_config.eos_token_id))}
+    )
+
+
+# One entry point per source layout (the registry names them).
+
+
+def verify_llava(source, converted, *, vision_tower=None, **kwargs) -> ParityReport:
+    return verify(llava_reference, source, converted, vision_tower=vision_tower, **kwargs)
+
+
+def verify_qwen2_vl(source, converted, **kwargs) -> ParityReport:
+    return verify(qwen2_vl_reference, source, converted, **kwargs)
+
+
+def verify_fuyu(source, converted, **kwargs) -> ParityReport:
+    return verify(fuyu_reference, source, converted, **kwargs)
+
+
+def verify_idefics(source, converted, **kwargs) -> ParityReport:
+    return verify(idefics_reference, source, converted, **kwargs)
+
+
+def verify_openflamingo(checkpoint, converted, *, vision=None, language=None, **kwargs) -> ParityReport:
+    return verify(openflamingo_reference, checkpoint, converted, few_shot=True, resolve=False, vision=vision,
+                  language=language, **kwargs)  # fmt: skip
 
 
 def _as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def verify_llava(source, converted, **kwargs) -> ParityReport:
-    return verify("llava", source, converted, **kwargs)
 
 
 def qwen2_vl_reference_inputs(source_dir: Path, images: list, prompt: str) -> dict:

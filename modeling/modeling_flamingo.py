@@ -5,35 +5,29 @@ pixels (B, I, 3, 224, 224) -> ViT (B*I, 257, Dv) -> resampler (B, I, 64, Dv) -> 
 text -> [gated block] -> decoder layer -> ... -> LM head.   (perceiver_resampler.py, gated_cross_attention.py)
 Axes: B batch, T text tokens, I images per row, N visual tokens per image, Dv vision width, D text width."""
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
-from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .conditional_generation import CausalLMOutputWithImages, PatternForConditionalGeneration
 from .configuration_flamingo import FlamingoPatternConfig
-from .flamingo_media import ImageState, image_attention, media_bias, media_cache_entries, track_images
+from .flamingo_cache import StaticImages, media_cache_entries
+from .flamingo_visibility import (
+    ImageState,
+    check_image_tokens,
+    image_attention,
+    images_per_row,
+    media_bias,
+    track_images,
+)
 from .gated_cross_attention import GatedCrossAttentionBlock
-from .input_checks import check_image_mask, check_input_ids, check_pixel_values
+from .input_checks import check_image_mask, check_pixel_values
+from .pattern_model import ModelOutputWithImages, PatternModel
 from .pattern_pretrained import PatternPreTrainedModel
 from .perceiver_resampler import PerceiverResampler
 from .text_decoder import TextDecoder
 from .vision_transformer import VisionTransformer
-
-
-@dataclass
-class FlamingoPatternModelOutput(BaseModelOutputWithPast):
-    """`image_hidden_states`: the visual tokens (B, I, N, Dv) of this call's images, if it had any."""
-
-    image_hidden_states: torch.Tensor | None = None
-
-
-@dataclass
-class FlamingoPatternCausalLMOutput(CausalLMOutputWithPast):
-    image_hidden_states: torch.Tensor | None = None
 
 
 class FlamingoPatternPreTrainedModel(PatternPreTrainedModel):
@@ -54,7 +48,7 @@ class FlamingoPatternPreTrainedModel(PatternPreTrainedModel):
             init.zeros_(module.alpha_dense)
 
 
-class FlamingoPatternModel(FlamingoPatternPreTrainedModel):
+class FlamingoPatternModel(PatternModel, FlamingoPatternPreTrainedModel):
     def __init__(self, config: FlamingoPatternConfig):
         super().__init__(config)
         self.vision_model = VisionTransformer(config.vision_config)
@@ -66,12 +60,6 @@ class FlamingoPatternModel(FlamingoPatternPreTrainedModel):
         # decoder layer index -> index of the block that runs just before it
         self.block_before_layer = {layer: k for k, layer in enumerate(config.cross_attn_layer_ids)}
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.language_model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding):
-        self.language_model.embed_tokens = value
 
     def freeze_backbones(self, train_embeddings: bool = False) -> int:
         """Freeze the vision tower and the language model (optionally not its input embeddings, e.g. to learn
@@ -124,55 +112,107 @@ class FlamingoPatternModel(FlamingoPatternPreTrainedModel):
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> FlamingoPatternModelOutput:
+    ) -> ModelOutputWithImages:
         """
         pixel_values (B, I, 3, S, S): every image of the sequence so far, in the order of its `<image>` tokens
             (rows with fewer images are padded; `image_mask` (B, I) marks the real ones). Their cross-attention
             keys and values go into the cache, so later calls (decode steps) need not pass them again.
         image_attention_mask (B, T, I): optional, which image each token of this call attends to (as
             transformers' IdeficsProcessor returns it). By default this follows from the `<image>` tokens.
+        The output's `image_hidden_states`: this call's visual tokens (B, I, N, Dv), if it had images.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None:
-            check_input_ids(input_ids, self.config.text_config.vocab_size)
-        cache = cache if cache is not None else past_key_values
-        use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
+        inputs_embeds, cache, use_cache = self.start_forward(
+            input_ids, inputs_embeds, cache, past_key_values, use_cache
+        )
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
-        B, T, _ = inputs_embeds.shape
         past = cache.get_seq_length() if cache is not None else 0
-
-        # 1. Visual tokens -> each block's cross-attention keys and values, computed here or read from the cache.
         cursor, entries = None, None
         if cache is not None:
             cursor, entries = media_cache_entries(
                 cache, self.config.text_config.num_hidden_layers, len(self.gated_cross_attn_layers)
             )
-        image_hidden_states, media, num_images = None, None, 0
+
+        # 1. Images -> each gated block's cross-attention keys and values, computed now or read from the cache.
+        image_hidden_states, media = None, None
         if pixel_values is not None:
             image_hidden_states = self.get_image_features(pixel_values, image_mask)  # (B, I, N, Dv)
-            visual_tokens = image_hidden_states.flatten(1, 2).to(inputs_embeds.dtype)  # (B, I * N, Dv)
-            media = [block.cross_attn.media_keys_values(visual_tokens) for block in self.gated_cross_attn_layers]
-            if entries is not None:
-                for entry, (keys, values) in zip(entries, media, strict=True):
-                    entry.store(keys, values)
-            num_images = pixel_values.shape[1]
+            media = self.media_keys_values(image_hidden_states.to(inputs_embeds.dtype), entries)
         elif entries and entries[0].is_initialized:
             media = [(entry.keys, entry.values) for entry in entries]
-            num_images = media[0][0].shape[2] // self.config.num_visual_tokens
 
-        # 2. Which image each token sees.
-        state = cursor.state if cursor is not None and cursor.state is not None else None
+        # 2. Which image each token sees, as an additive bias over the visual tokens (B, 1, T, I * N).
+        bias, sees_any = self.image_visibility(
+            input_ids, inputs_embeds, pixel_values, image_mask, image_attention_mask, media, cursor, past
+        )
+
+        # 3. The decoder, with a gated block before the chosen layers (`run_layers`).
+        mask, position_embeddings = self.language_model.prepare(inputs_embeds, attention_mask, position_ids, cache)
+        all_hidden_states = [inputs_embeds] if output_hidden_states else None
+        hidden_states = self.run_layers(
+            inputs_embeds, position_embeddings, mask, cache, (media, bias, sees_any), all_hidden_states, **kwargs
+        )
+        hidden_states = self.language_model.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states[-1] = hidden_states
+        return ModelOutputWithImages(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            image_hidden_states=image_hidden_states,
+        )
+
+    def run_layers(
+        self, hidden_states, position_embeddings, mask, cache, image_context=None, all_hidden_states=None, **kwargs
+    ) -> torch.Tensor:
+        """The decoder layers over hidden states (B, T, D), each chosen one preceded by its gated block;
+        `image_context`: (each block's media keys/values or None, the bias over visual tokens, who sees an image)."""
+        media, bias, sees_any = image_context or (None, None, None)
+        for i, layer in enumerate(self.language_model.layers):
+            if i in self.block_before_layer:
+                k = self.block_before_layer[i]
+                hidden_states = self.gated_cross_attn_layers[k](
+                    hidden_states, media[k] if media else None, bias, sees_any
+                )
+            # The cache goes by keyword (see TextDecoder.forward).
+            hidden_states = layer(hidden_states, position_embeddings, mask, cache=cache, **kwargs)
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+        return hidden_states
+
+    def static_images(self, prefill, previous):
+        """For the static decode path: the prompt's image keys/values and each row's image state, in buffers
+        (reused from `previous` when the shapes match, so a captured step stays valid)."""
+        cursor, entries = media_cache_entries(
+            prefill.cache, self.config.text_config.num_hidden_layers, len(self.gated_cross_attn_layers)
+        )
+        return StaticImages.from_cache(cursor, entries, self.config, previous)
+
+    def media_keys_values(self, image_hidden_states: torch.Tensor, entries: list | None) -> list[tuple]:
+        """Visual tokens (B, I, N, Dv) -> per gated block, cross-attention keys and values (B, H, I * N, d), kept
+        in the cache entries (when there is a cache) so that later calls only read them."""
+        visual_tokens = image_hidden_states.flatten(1, 2)  # (B, I * N, Dv)
+        media = [block.cross_attn.media_keys_values(visual_tokens) for block in self.gated_cross_attn_layers]
+        for entry, (keys, values) in zip(entries or [], media, strict=False):
+            entry.store(keys, values)
+        return media
+
+    def image_visibility(self, input_ids, inputs_embeds, pixel_values, image_mask, image_attention_mask, media,
+                         cursor, past: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+        """The attention bias over the visual tokens (B, 1, T, I * N) and whether each token sees any image
+        (B, T), both None without images. By the rule from the `<image>` tokens (continued from the cache's
+        cursor), or as `image_attention_mask` (B, T, I) says."""
+        B, T, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        num_images = media[0][0].shape[2] // self.config.num_visual_tokens if media else 0
+        state = cursor.state if cursor is not None else None
         if state is None or pixel_values is not None:
-            available = self.images_per_row(pixel_values, image_mask, num_images, B).to(inputs_embeds.device)
-            state = ImageState.start(B, available, inputs_embeds.device) if state is None else state
+            available = images_per_row(image_mask, num_images, B).to(device)
+            state = ImageState.start(B, available, device) if state is None else state
             state = ImageState(state.count, state.current, available)
         if input_ids is not None:
             if image_attention_mask is None:  # an explicit attention may pair tokens and images freely
-                self.check_image_tokens(input_ids, pixel_values, state, past)
+                check_image_tokens(input_ids, self.config.image_token_id, pixel_values is not None, state, past)
             index, next_state = track_images(
                 input_ids, self.config.image_token_id, self.config.media_reset_token_id, state
             )
@@ -189,38 +229,12 @@ class FlamingoPatternModel(FlamingoPatternPreTrainedModel):
                 raise ValueError(
                     f"image_attention_mask has shape {tuple(image_attention_mask.shape)}; expected ({B}, {T}, images)"
                 )
-            sees = image_attention_mask[..., :num_images].to(device=inputs_embeds.device, dtype=torch.bool)
+            sees = image_attention_mask[..., :num_images].to(device=device, dtype=torch.bool)
         else:
             sees = image_attention(index, num_images)  # (B, T, I)
-        bias = sees_any = None
-        if media:
-            bias = media_bias(sees, self.config.num_visual_tokens, inputs_embeds.dtype)
-            sees_any = sees.any(-1)
-
-        # 3. The decoder, with a gated block before the chosen layers.
-        decoder = self.language_model
-        mask, position_embeddings = decoder.prepare(inputs_embeds, attention_mask, position_ids, cache)
-        hidden_states = inputs_embeds
-        all_hidden_states = [hidden_states] if output_hidden_states else None
-        for i, layer in enumerate(decoder.layers):
-            if i in self.block_before_layer:
-                k = self.block_before_layer[i]
-                hidden_states = self.gated_cross_attn_layers[k](
-                    hidden_states, media[k] if media else None, bias, sees_any
-                )
-            # The cache goes by keyword (see TextDecoder.forward).
-            hidden_states = layer(hidden_states, position_embeddings, mask, cache=cache, **kwargs)
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-        hidden_states = decoder.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states[-1] = hidden_states
-        return FlamingoPatternModelOutput(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            image_hidden_states=image_hidden_states,
-        )
+        if not media:
+            return None, None
+        return media_bias(sees, self.config.num_visual_tokens, inputs_embeds.dtype), sees.any(-1)
 
     def image_attention_from_tokens(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None
@@ -228,110 +242,25 @@ class FlamingoPatternModel(FlamingoPatternPreTrainedModel):
         """(B, T, I) bool: which image each token sees by the rule, from the `<image>` tokens of whole sequences;
         `<image>` tokens past a row's images are read as text."""
         B, num_images = input_ids.shape[0], pixel_values.shape[1]
-        available = self.images_per_row(pixel_values, image_mask, num_images, B).to(input_ids.device)
+        available = images_per_row(image_mask, num_images, B).to(input_ids.device)
         state = ImageState.start(B, available, input_ids.device)
         index, _ = track_images(input_ids, self.config.image_token_id, self.config.media_reset_token_id, state)
         return image_attention(index, num_images)
 
-    @staticmethod
-    def images_per_row(pixel_values, image_mask, num_images: int, batch: int) -> torch.Tensor:
-        if image_mask is not None:
-            return image_mask.to(torch.bool).sum(-1).long()
-        return torch.full((batch,), num_images, dtype=torch.long)
 
-    def check_image_tokens(self, input_ids: torch.Tensor, pixel_values, state: ImageState, past: int) -> None:
-        """Each row's `<image>` tokens must match its images: a clear error instead of a silent mismatch."""
-        tokens = (input_ids == self.config.image_token_id).sum(-1)
-        if pixel_values is not None:
-            expected = state.available - state.count  # images not yet reached by earlier calls
-            if bool((tokens != expected).any()):
-                raise ValueError(
-                    f"The prompts hold {tokens.tolist()} <image> tokens per row but {expected.tolist()} images were "
-                    "given for them; write one <image> per image, where the image belongs in the text (rows with "
-                    "fewer images than others need image_mask)"
-                )
-        elif past == 0 and bool(tokens.any()):
-            raise ValueError("The prompt has <image> tokens but no pixel_values were given")
+class FlamingoPatternForConditionalGeneration(PatternForConditionalGeneration, FlamingoPatternPreTrainedModel):
+    base_model_class = FlamingoPatternModel
+    output_class = CausalLMOutputWithImages
+    vision_encoder_prefixes = ("model.vision_model.",)
+    connector_prefixes = ("model.perceiver_resampler.", "model.gated_cross_attn_layers.")
 
-
-class FlamingoPatternForConditionalGeneration(FlamingoPatternPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
-
-    def __init__(self, config: FlamingoPatternConfig):
-        super().__init__(config)
-        self.model = FlamingoPatternModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear):
-        self.lm_head = value
-
-    def get_image_features(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values, image_mask)
+    def positions_without_targets(self, input_ids, inputs_embeds, labels) -> torch.Tensor | None:
+        return labels == self.config.image_token_id  # where an image goes
 
     def freeze_backbones(self, train_embeddings: bool = False) -> int:
         """Freeze the vision tower, the language model and the LM head; see `FlamingoPatternModel.freeze_backbones`."""
         self.lm_head.requires_grad_(False)
         return self.model.freeze_backbones(train_embeddings)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_mask: torch.Tensor | None = None,
-        image_attention_mask: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> FlamingoPatternCausalLMOutput:
-        """`labels` (B, T): next-token targets; `<image>` tokens and -100 are ignored by the loss."""
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            image_mask=image_mask,
-            image_attention_mask=image_attention_mask,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None:
-            labels = labels.masked_fill(labels == self.config.image_token_id, -100)  # where an image goes
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return FlamingoPatternCausalLMOutput(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            image_hidden_states=outputs.image_hidden_states,
-        )
 
     def prepare_inputs_for_generation(
         self, input_ids, image_attention_mask=None, cache=None, is_first_iteration=False, **kwargs

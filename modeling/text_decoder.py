@@ -125,7 +125,9 @@ class DecoderAttention(nn.Module):
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, d)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, past + T, d)
-        out, _ = attention_function(self.config)(
+        # A caller may pick the kernel for this call (the static decode path's single-query steps on CPU).
+        kernel = kwargs.pop("attention_function", None) or attention_function(self.config)
+        out, _ = kernel(
             self,
             q,
             k,

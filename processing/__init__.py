@@ -1,5 +1,7 @@
 """Image processors and processors of the four VLM patterns (torch/numpy; no torchvision)."""
 
+import transformers  # noqa: F401  (first, before any module of this folder: see vlm_patterns/__init__.py)
+
 from .image_ops import ImageInputError, load_image
 from .image_processing_flamingo import FlamingoPatternImageProcessor
 from .image_processing_fuyu import FuyuPatternImageProcessor

@@ -15,12 +15,12 @@ from .image_ops import (
     load_image,
     normalize,
     pad_to_square,
+    resample_name,
     resize,
     to_uint8_tensor,
 )
 
 # PIL's integer codes, as they appear in transformers' preprocessor_config.json files.
-PIL_RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
@@ -68,9 +68,7 @@ class LlavaPatternImageProcessor(BaseImageProcessor):
         size = {"shortest_edge": size} if isinstance(size, int) else size
         crop_size = {"height": crop_size, "width": crop_size} if isinstance(crop_size, int) else crop_size
         self.size = dict(size) if size is not None else {"shortest_edge": 336}
-        self.resample = PIL_RESAMPLE_NAMES.get(resample, resample) if isinstance(resample, int) else resample
-        if self.resample not in PIL_RESAMPLE_NAMES.values():
-            raise ValueError(f"resample must be one of {sorted(PIL_RESAMPLE_NAMES.values())}, got {resample!r}")
+        self.resample = resample_name(resample)
         self.do_center_crop = do_center_crop
         self.crop_size = dict(crop_size) if crop_size is not None else {"height": 336, "width": 336}
         self.do_pad = do_pad

@@ -10,7 +10,7 @@ import re
 
 import torch
 from transformers.image_processing_base import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 from .image_ops import flatten_images
 from .prompt_text import TokenRows, prompt_list, split_options, unknown_options
@@ -49,6 +49,7 @@ class FlamingoPatternProcessor(ProcessorMixin):
         fake_image_token: str | None = None,
         end_of_chunk_token: str | None = None,
         bos_as_text: bool = False,
+        visual_tokens_per_image: int | None = None,
         chat_template: str | None = None,
         **kwargs,
     ):
@@ -58,11 +59,15 @@ class FlamingoPatternProcessor(ProcessorMixin):
             default: a newline).
         bos_as_text: put the BOS token in front as text and tokenize without special tokens, as IDEFICS was
             trained; otherwise the tokenizer adds its special tokens itself.
+        visual_tokens_per_image: what each image becomes for the language model (the resampler's latents, read
+            through cross-attention; the text holds one `<image>` per image). The model's config says it too
+            (`num_visual_tokens`); the processor keeps a copy to count without the model.
         """
         self.image_token = image_token
         self.fake_image_token = fake_image_token
         self.end_of_chunk_token = end_of_chunk_token
         self.bos_as_text = bos_as_text
+        self.visual_tokens_per_image = visual_tokens_per_image
         super().__init__(image_processor, tokenizer, chat_template=chat_template or flamingo_chat_template())
         for token in (image_token, fake_image_token, end_of_chunk_token):
             if token is None:
@@ -169,6 +174,19 @@ class FlamingoPatternProcessor(ProcessorMixin):
         start of its answer (e.g. "Output:"). Keywords go to `__call__`."""
         prompt = self.few_shot_prompt([text for _, text in examples], query_text)
         return self(images=[[image for image, _ in examples] + [query_image]], text=prompt, **kwargs)
+
+    max_images_per_prompt: int | None = None  # interleaved, any number
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Visual tokens per image (transformers' convention, as the language model reads them): the resampler's
+        fixed number of latents, whatever the image's size."""
+        if image_sizes is None:
+            return MultiModalData()
+        if self.visual_tokens_per_image is None:
+            raise ValueError("This processor was saved without visual_tokens_per_image; set it from the model's "
+                             "config.num_visual_tokens")  # fmt: skip
+        return MultiModalData(num_image_tokens=[self.visual_tokens_per_image] * len(image_sizes),
+                              num_image_patches=[1] * len(image_sizes))  # fmt: skip
 
     @property
     def model_input_names(self) -> list[str]:

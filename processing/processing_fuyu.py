@@ -12,7 +12,7 @@ import re
 import numpy as np
 import torch
 from transformers.image_processing_base import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 from .image_ops import flatten_images
 from .prompt_text import TokenRows, prompt_list, split_options, unknown_options
@@ -237,6 +237,16 @@ class FuyuPatternProcessor(ProcessorMixin):
             self.decode_coordinates(self.answer_ids(seq), float(scale))
             for seq, scale in zip(generated_ids, image_scale_factors, strict=True)
         ]
+
+    max_images_per_prompt: int | None = 1  # Fuyu's stream holds one image, at its start
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Visual tokens per image (transformers' convention): one per patch, and the newline closing each row."""
+        if image_sizes is None:
+            return MultiModalData()
+        grids = [self.image_processor.patch_grid(int(h), int(w)) for h, w in image_sizes]
+        return MultiModalData(num_image_tokens=[rows * cols + rows for rows, cols in grids],
+                              num_image_patches=[1] * len(grids))  # fmt: skip
 
     @property
     def model_input_names(self) -> list[str]:

@@ -3,7 +3,7 @@ tokens as the model will fill with projected features (576 for LLaVA-1.5).
 """
 
 from transformers.image_processing_base import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 from .image_ops import flatten_images
 from .prompt_text import TokenRows, prompt_list, split_options, unknown_options
@@ -114,6 +114,15 @@ class LlavaPatternProcessor(ProcessorMixin):
             for i, (count, row) in enumerate(zip(per_prompt, images, strict=True)):
                 if count != len(row):
                     raise ValueError(f"Prompt {i} has {count} {self.image_token} placeholders but {len(row)} images")
+
+    max_images_per_prompt: int | None = None  # any number, each expanded at its own <image>
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Visual tokens per image (transformers' convention): every image becomes the same fixed number."""
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(num_image_tokens=[self.image_seq_length] * len(image_sizes),
+                              num_image_patches=[1] * len(image_sizes))  # fmt: skip
 
     @property
     def model_input_names(self) -> list[str]:

@@ -4,9 +4,10 @@ in the text -> as many placeholders as that image's merged grid has tokens (t * 
 import numpy as np
 import torch
 from transformers.image_processing_base import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 from .image_ops import flatten_images
+from .image_processing_qwen2_vl import smart_resize
 from .prompt_text import TokenRows, prompt_list, unknown_options
 
 # Qwen's ChatML: a default system turn, images and videos wrapped in vision start/end tokens where they occur, the
@@ -131,6 +132,21 @@ class Qwen2VLPatternProcessor(ProcessorMixin):
                 f"<|vision_start|>{token}<|vision_end|> per item where it belongs (apply_chat_template does)"
             )
         return [self.image_processor.tokens_per_grid(grid) for grid in grids] if grids is not None else []
+
+    max_images_per_prompt: int | None = None
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Visual tokens per image (transformers' convention): the merged tokens of the image at the size
+        `smart_resize` gives it, within the pixel budget (`min_pixels`/`max_pixels` as the call would pass them)."""
+        if image_sizes is None:
+            return MultiModalData()
+        ip = self.image_processor
+        low, high = ip._budget(kwargs.get("min_pixels"), kwargs.get("max_pixels"), ip.min_pixels, ip.max_pixels)
+        tokens = []
+        for height, width in image_sizes:
+            resized = smart_resize(int(height), int(width), ip.factor, low, high)
+            tokens.append(ip.tokens_per_grid([1, resized[0] // ip.patch_size, resized[1] // ip.patch_size]))
+        return MultiModalData(num_image_tokens=tokens, num_image_patches=[1] * len(tokens))
 
     @property
     def model_input_names(self) -> list[str]:

@@ -12,12 +12,11 @@ import argparse
 import dataclasses
 import gc
 import hashlib
+import importlib
 import io
 import json
-import math
 import os
 import queue
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -25,19 +24,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gradio as gr
+import numpy as np
+import PIL.Image
+import torch
+
+from vlm_patterns.families import FAMILIES as REGISTRY
+from vlm_patterns.inference import stream_answer
+from vlm_patterns.processing import ImageInputError, load_image
+from vlm_patterns.spaces.pictures import pattern_view
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # the project's packages, in a clone (an assembled Space has them here)
-
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
-import PIL.ImageDraw  # noqa: E402
-import torch  # noqa: E402
-from transformers import TextIteratorStreamer  # noqa: E402
-
-from processing import ImageInputError, load_image  # noqa: E402
-from processing.image_processing_fuyu import fit_within  # noqa: E402
-from processing.image_processing_qwen2_vl import smart_resize  # noqa: E402
 
 try:  # ZeroGPU Spaces lend a GPU per call; elsewhere the decorator is a no-op
     import spaces  # Hugging Face's package (a regular package wins over a `spaces/` folder on the path)
@@ -49,31 +46,11 @@ except (ImportError, AttributeError):
         return function
 
 
-FAMILIES = ("llava", "qwen2_vl", "fuyu", "flamingo")
-TITLES = {"llava": "LLaVA · projection", "qwen2_vl": "Qwen2-VL · native resolution", "fuyu": "Fuyu · early fusion",
-          "flamingo": "Flamingo · cross-attention"}  # fmt: skip
-# training/checkpoints sits beside spaces/ in a clone, and beside app.py in an assembled Space.
-CHECKPOINTS = next((p / "training" / "checkpoints" for p in (HERE.parent, HERE) if (p / "training").is_dir()),
-                   HERE.parent / "training" / "checkpoints")  # fmt: skip
+FAMILIES = tuple(REGISTRY)  # the columns, left to right
+# training/checkpoints in a clone; vlm_patterns/training/checkpoints when installed.
+CHECKPOINTS = Path(importlib.import_module("vlm_patterns.training").__path__[0]) / "checkpoints"
 EMBEDDED = {family: CHECKPOINTS / family for family in FAMILIES}
-# Public checkpoints and the converter that makes each one ours.
-HUB = {
-    "llava": ("llava", "llava-hf/llava-1.5-7b-hf"),
-    "qwen2_vl": ("qwen2_vl", "Qwen/Qwen2-VL-2B-Instruct"),
-    "fuyu": ("fuyu", "adept/fuyu-8b"),
-    "flamingo": ("idefics", "HuggingFaceM4/idefics-9b-instruct"),
-}
-# What each picture shows, written under it.
-LEGENDS = {
-    "llava": "The fixed square the ViT reads (padded to a square first); grey lines: its patches, one visual token each.",
-    "qwen2_vl": "The image at about its own size (`smart_resize`); grey lines: 14-pixel patches; thick yellow lines: "
-    "each 2 x 2 group the PatchMerger joins into one visual token.",
-    "fuyu": "Raw patches row by row, no encoder: each patch is one token; red bars: the newline token closing each row.",
-    "flamingo": "Left: the resampler's latents for the image (rows: latents, columns: channels; blue low, orange "
-    "high). Right: per gated layer, tanh of the gate on cross-attention (blue) and on the feed-forward (orange); "
-    "0 means closed.",
-}
-MAX_IMAGES = {"llava": 4, "qwen2_vl": 4, "fuyu": 1, "flamingo": 4}  # images one prompt may hold
+MAX_IMAGES_PER_PROMPT = 4  # the page's bound for families that read any number
 # Bundled examples: held-out images of the synthetic task with their questions (examples/examples.json).
 EXAMPLES = json.loads((HERE / "examples" / "examples.json").read_text()) if (HERE / "examples").is_dir() else []
 MAX_PROMPT_CHARACTERS = 1000
@@ -107,39 +84,6 @@ def unknown_words(text: str, tokenizer) -> list[str]:
         return []
     words = [word for word, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
     return list(dict.fromkeys(w for w in words if tokenizer.convert_tokens_to_ids(w) == tokenizer.unk_token_id))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# How each pattern sees an image, as a picture of what its model's first layer receives: LLaVA's fixed square and
-# its patch grid; Qwen2-VL's image at about its own size, 14-pixel patches and the 2 x 2 groups merged into one
-# token (thick lines); Fuyu's raw patches row by row, each row closed by a newline token (red); Flamingo's latents
-# and, per gated cross-attention layer, how open its gates are (tanh of the learned alpha).
-
-GRID = (70, 70, 70)
-MERGED = (255, 200, 0)
-NEWLINE = (230, 40, 40)
-DISPLAY = 320  # the longer side of a view, in screen pixels
-
-
-def _enlarge(image: PIL.Image.Image) -> tuple[PIL.Image.Image, float]:
-    scale = DISPLAY / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, PIL.Image.Resampling.NEAREST if scale > 1 else PIL.Image.Resampling.BILINEAR), scale
-
-
-def _grid(draw: PIL.ImageDraw.ImageDraw, width: float, height: float, step: float, colour, line: int = 1) -> None:
-    x = 0.0
-    while x <= width + 0.5:
-        draw.line([(x, 0), (x, height)], fill=colour, width=line)
-        x += step
-    y = 0.0
-    while y <= height + 0.5:
-        draw.line([(0, y), (width, y)], fill=colour, width=line)
-        y += step
-
-
-def _rgb(image) -> PIL.Image.Image:
-    return PIL.Image.fromarray(image if isinstance(image, np.ndarray) else load_image(image))
 
 
 # Uploads larger than this are refused from their header, before decoding (a 9000 x 9000 PNG of 258 KB would
@@ -195,108 +139,6 @@ def saved_view(picture: PIL.Image.Image | None) -> str | None:
     return str(path)
 
 
-def llava_view(image, image_size: int, patch_size: int, pad_to_square: bool) -> tuple[PIL.Image.Image, int]:
-    """The fixed-size input with its patch grid; returns (picture, visual tokens)."""
-    rgb = _rgb(image)
-    if pad_to_square:
-        side = max(rgb.size)
-        mean = tuple(int(v) for v in np.asarray(rgb).reshape(-1, 3).mean(0))
-        square = PIL.Image.new("RGB", (side, side), mean)
-        square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
-        rgb = square
-    else:  # shortest edge to size, centre crop
-        scale = image_size / min(rgb.size)
-        rgb = rgb.resize((max(image_size, round(rgb.width * scale)), max(image_size, round(rgb.height * scale))))
-        left, top = (rgb.width - image_size) // 2, (rgb.height - image_size) // 2
-        rgb = rgb.crop((left, top, left + image_size, top + image_size))
-    view, scale = _enlarge(rgb.resize((image_size, image_size), PIL.Image.Resampling.BICUBIC))
-    _grid(PIL.ImageDraw.Draw(view), view.width, view.height, patch_size * scale, GRID)
-    return view, (image_size // patch_size) ** 2
-
-
-def qwen2_vl_view(image, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int):
-    """The image resized by smart_resize, its 14-pixel patches (thin) and merged tokens (thick); (picture, tokens)."""
-    rgb = _rgb(image)
-    factor = patch_size * merge_size
-    height, width = smart_resize(rgb.height, rgb.width, factor, min_pixels, max_pixels)
-    view, scale = _enlarge(rgb.resize((width, height), PIL.Image.Resampling.BICUBIC))
-    draw = PIL.ImageDraw.Draw(view)
-    _grid(draw, view.width, view.height, patch_size * scale, GRID)
-    _grid(draw, view.width, view.height, factor * scale, MERGED, line=2)
-    return view, (height // factor) * (width // factor)
-
-
-def fuyu_view(image, patch_size: int, canvas: dict[str, int]):
-    """The patches row by row, a newline marker after each row; (picture, visual tokens incl. newlines)."""
-    rgb = _rgb(image)
-    (height, width), _ = fit_within(rgb.height, rgb.width, canvas["height"], canvas["width"])
-    rows, cols = math.ceil(height / patch_size), math.ceil(width / patch_size)
-    padded = PIL.Image.new("RGB", (cols * patch_size, rows * patch_size), (0, 0, 0))
-    padded.paste(rgb.resize((width, height), PIL.Image.Resampling.BILINEAR), (0, 0))
-    marker = max(4, patch_size // 2)
-    strip = PIL.Image.new("RGB", (padded.width + marker + 2, padded.height), (255, 255, 255))
-    strip.paste(padded, (0, 0))
-    view, scale = _enlarge(strip)
-    draw = PIL.ImageDraw.Draw(view)
-    _grid(draw, padded.width * scale, padded.height * scale, patch_size * scale, GRID)
-    for row in range(rows):
-        top = row * patch_size * scale
-        left = (padded.width + 2) * scale
-        draw.rectangle([left, top + 2, left + marker * scale, top + patch_size * scale - 2], fill=NEWLINE)
-    return view, rows * cols + rows
-
-
-def flamingo_view(latents: np.ndarray, gates: list[tuple[int, float, float]]) -> PIL.Image.Image:
-    """Left: the visual tokens of the first image (latents x channels, as a heat map). Right: per gated layer,
-    tanh(alpha) of the attention branch (blue) and of the feed-forward branch (orange), from -1 to 1."""
-    count, width = latents.shape
-    values = (latents - latents.min()) / max(float(latents.max() - latents.min()), 1e-6)
-    heat = np.stack([values * 255, values * 120, (1 - values) * 255], -1).astype(np.uint8)  # (N, D, 3)
-    heat_image = PIL.Image.fromarray(heat).resize((200, max(count * 8, 64)), PIL.Image.Resampling.NEAREST)
-    bar_height, gap = 18, 10
-    chart = PIL.Image.new("RGB", (220, max(heat_image.height, len(gates) * (2 * bar_height + gap) + 20)), "white")
-    draw = PIL.ImageDraw.Draw(chart)
-    middle = 110
-    draw.line([(middle, 0), (middle, chart.height)], fill=(120, 120, 120))
-    for i, (layer, attention, dense) in enumerate(gates):
-        top = 10 + i * (2 * bar_height + gap)
-        for j, (value, colour) in enumerate(((attention, (50, 90, 220)), (dense, (240, 150, 30)))):
-            y = top + j * bar_height
-            end = middle + value * 100
-            draw.rectangle([min(middle, end), y + 2, max(middle, end), y + bar_height - 2], fill=colour)
-        draw.text((4, top + bar_height // 2), f"L{layer}", fill=(0, 0, 0))
-    view = PIL.Image.new("RGB", (heat_image.width + chart.width + 10, max(heat_image.height, chart.height)), "white")
-    view.paste(heat_image, (0, 0))
-    view.paste(chart, (heat_image.width + 10, 0))
-    return view
-
-
-def pattern_view(family: str, models: "ModelSet", image, qwen_budget: int = 32):
-    """The picture of how this family's model sees `image` (None without an image or when it cannot be read)."""
-    if image is None:
-        return None
-    try:
-        model, processor = models.get(family)
-        ip = processor.image_processor
-        if family == "llava":
-            return llava_view(image, ip.crop_size["height"], processor.patch_size, ip.do_pad)[0]
-        if family == "qwen2_vl":
-            budget = qwen_budget * 28 * 28
-            return qwen2_vl_view(image, ip.patch_size, ip.merge_size, min(ip.min_pixels, budget), budget)[0]
-        if family == "fuyu":
-            return fuyu_view(image, ip.patch_size, ip.size)[0]
-        inputs = processor(images=[[image]], text=processor.image_token)
-        with torch.inference_mode():
-            latents = model.get_image_features(inputs["pixel_values"].to(model.device, model.dtype))[0, 0]
-            gates = [
-                (layer, torch.tanh(b.alpha_cross_attn).mean().item(), torch.tanh(b.alpha_dense).mean().item())
-                for layer, b in zip(model.config.cross_attn_layer_ids, model.model.gated_cross_attn_layers, strict=True)
-            ]
-        return flamingo_view(latents.float().cpu().numpy(), gates)
-    except Exception:
-        return None  # the column's answer reports what went wrong with this image
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Model sets: `embedded`, the four small checkpoints trained on the synthetic task (training/checkpoints), offline;
 # `hub`, the public checkpoints converted by our converters on first use and cached, loaded one at a time
@@ -322,12 +164,11 @@ class ModelSet:
     def path(self, family: str) -> Path:
         if self.name == "embedded":
             return EMBEDDED[family]
-        converter, repo = HUB[family]
+        layout, repo = REGISTRY[family].showcase
         target = self.cache_dir / repo.replace("/", "--")
         if not (target / "config.json").exists():
-            from conversion.cli import CONVERTERS
-
-            CONVERTERS[converter](repo, target, dtype=torch.bfloat16 if self.device == "cuda" else None)
+            dtype = torch.bfloat16 if self.device == "cuda" else None
+            REGISTRY[family].layout(layout).convert(repo, target, dtype=dtype)
         return target
 
     def get(self, family: str):
@@ -342,8 +183,6 @@ class ModelSet:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             from transformers import AutoModelForImageTextToText, AutoProcessor
-
-            import modeling  # noqa: F401  (registers our families)
 
             path = self.path(family)
             dtype = "auto" if self.name == "hub" else torch.float32
@@ -408,6 +247,11 @@ class Answer:
         return " · ".join(parts)
 
 
+def images_per_prompt(family: str) -> int:
+    """The most images a prompt of this family holds here (Fuyu: 1; the others: the page's own bound)."""
+    return REGISTRY[family].images_per_prompt or MAX_IMAGES_PER_PROMPT
+
+
 def conversation_messages(history: list[dict], family: str) -> list[dict]:
     """Our chat history (user turns with `images` and `text`, assistant turns with `text`) as chat-template
     messages; images beyond what the family takes are dropped (Fuyu reads one)."""
@@ -416,7 +260,7 @@ def conversation_messages(history: list[dict], family: str) -> list[dict]:
         if turn["role"] == "assistant":
             messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["text"]}]})
             continue
-        room = MAX_IMAGES[family] - seen
+        room = images_per_prompt(family) - seen
         images = turn["images"][:room]
         seen += len(images)
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": turn["text"]}]
@@ -438,49 +282,23 @@ def answered_turns(history: list[dict]) -> list[dict]:
 def conversation_images(history: list[dict], family: str) -> list[np.ndarray]:
     """The images the family reads, decoded (each upload once, reused across columns and turns)."""
     paths = [image for turn in answered_turns(history) if turn["role"] == "user" for image in turn["images"]]
-    return [decode_upload(path) if isinstance(path, str) else path for path in paths[: MAX_IMAGES[family]]]
+    return [decode_upload(path) if isinstance(path, str) else path for path in paths[: images_per_prompt(family)]]
 
 
 def build_inputs(model, processor, family: str, history: list[dict], settings: Settings) -> tuple[dict, list[int]]:
-    """Model inputs for the conversation so far, and how many visual tokens each image became."""
+    """Model inputs for the conversation so far, and how many visual tokens each image became (as the processor
+    counts them: the same count `vlm-patterns evaluate` reports)."""
     messages = conversation_messages(history, family)
     images = conversation_images(history, family)
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     options = {}
-    if family == "qwen2_vl" and images:
-        options["max_pixels"] = settings.qwen_max_visual_tokens * 28 * 28
-        options["min_pixels"] = min(processor.image_processor.min_pixels, options["max_pixels"])
-    if family == "fuyu":
-        inputs = dict(processor(images=images[0] if images else None, text=prompt))
-    else:
-        inputs = dict(processor(images=[images] if images else None, text=prompt, **options))
+    if images and hasattr(processor.image_processor, "max_pixels"):  # native resolution: the page's pixel budget
+        options["max_pixels"] = settings.qwen_max_visual_tokens * processor.image_processor.factor**2
+    inputs = dict(processor(images=[images] if images else None, text=prompt, **options))
     if not images:
         return inputs, []
-    if family == "qwen2_vl":
-        tokens = [int(grid.prod()) // 4 for grid in inputs["image_grid_thw"]]
-    elif family == "fuyu":
-        rows, cols = inputs["image_patch_grid"][0].tolist()
-        tokens = [rows * cols + rows]  # patches and one newline per row
-    elif family == "llava":
-        tokens = [int((inputs["input_ids"] == model.config.image_token_id).sum()) // len(images)] * len(images)
-    else:
-        tokens = [model.config.num_visual_tokens] * len(images)
-    return inputs, tokens
-
-
-class CountingStreamer(TextIteratorStreamer):
-    """A text streamer that also counts generated tokens and notes when the first one came."""
-
-    def __init__(self, tokenizer, started: float, **kwargs):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
-        self.started, self.generated, self.first_token_at = started, 0, None
-
-    def put(self, value):
-        if not self.next_tokens_are_prompt:
-            self.generated += value.numel()
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter() - self.started
-        super().put(value)
+    sizes = [image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width) for image in images]
+    return inputs, list(processor._get_num_multimodal_tokens(image_sizes=sizes, **options).num_image_tokens)
 
 
 def stream(model, processor, family: str, history: list[dict], settings: Settings,
@@ -492,45 +310,21 @@ def stream(model, processor, family: str, history: list[dict], settings: Setting
     started = started if started is not None else time.perf_counter()
     try:
         all_images = sum(len(t["images"]) for t in answered_turns(history) if t["role"] == "user")
-        answer.images_left_out = max(0, all_images - MAX_IMAGES[family])
+        answer.images_left_out = max(0, all_images - images_per_prompt(family))
         question = next((t["text"] for t in reversed(history) if t["role"] == "user"), "")
         answer.unknown_words = unknown_words(question, processor.tokenizer)
         inputs, answer.visual_tokens = build_inputs(model, processor, family, history, settings)
-        for key in ("image_patch_grid", "image_sizes", "image_scale_factors"):
-            inputs.pop(key, None)
-        inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         limit = model.config.text_config.max_position_embeddings
         if inputs["input_ids"].shape[1] + settings.max_new_tokens > limit:
             raise ValueError(
                 f"The conversation is {inputs['input_ids'].shape[1]} tokens; with {settings.max_new_tokens} new ones "
                 f"it would pass this model's {limit}-token context. Start a new chat or shorten the prompt."
             )
-        streamer = CountingStreamer(processor.tokenizer, started, timeout=300)
-        sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p) \
-            if settings.temperature > 0 else dict(do_sample=False)  # fmt: skip
-        errors = []
-
-        def run():
-            try:
-                with torch.inference_mode():
-                    model.generate(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer, **sampling)
-            except Exception as e:  # reported in this column; ending the streamer stops the loop below
-                errors.append(e)
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        for piece in streamer:
-            answer.text += piece
-            answer.time_to_first_token, answer.new_tokens = streamer.first_token_at, streamer.generated
-            answer.seconds = time.perf_counter() - started
+        for progress in stream_answer(model, processor, inputs, max_new_tokens=settings.max_new_tokens,
+                                      temperature=settings.temperature, top_p=settings.top_p, started=started):  # fmt: skip
+            answer.text, answer.new_tokens = progress.text, progress.new_tokens
+            answer.time_to_first_token, answer.seconds = progress.time_to_first_token, progress.seconds
             yield answer
-        worker.join()
-        if errors:
-            raise errors[0]
-        answer.time_to_first_token, answer.new_tokens = streamer.first_token_at, streamer.generated
     except Exception as e:
         answer.error = f"{type(e).__name__}: {e}"
     answer.seconds = time.perf_counter() - started
@@ -566,6 +360,15 @@ def prompt_problem(text: str) -> str | None:
     return None
 
 
+def picture_of(family: str, models: ModelSet, image, qwen_budget: int):
+    """The family's picture of how it sees `image` (None when its model cannot be loaded or the image read)."""
+    try:
+        model, processor = models.get(family)
+    except Exception:
+        return None  # the column's answer says what went wrong
+    return pattern_view(family, model, processor, image, qwen_budget)
+
+
 def answer_all(message: dict, histories: dict, models: ModelSet, settings: Settings):
     """Send one user turn to the four families at once; yields (displays, stats, views, histories) as the four
     answers stream in. A column that fails shows its error; the others carry on."""
@@ -592,7 +395,7 @@ def answer_all(message: dict, histories: dict, models: ModelSet, settings: Setti
     histories = {f: histories[f] + [turn] for f in FAMILIES}
     views = None  # a text-only turn keeps the pictures of the last image
     if decoded:
-        views = {f: saved_view(pattern_view(f, models, decoded[0], settings.qwen_max_visual_tokens)) for f in FAMILIES}
+        views = {f: saved_view(picture_of(f, models, decoded[0], settings.qwen_max_visual_tokens)) for f in FAMILIES}
     answers = {f: Answer() for f in FAMILIES}
     events: queue.Queue = queue.Queue()
 
@@ -698,10 +501,10 @@ def build_app(default_set: str = "embedded", device: str | None = None, model_se
         with gr.Row(equal_height=False):
             for family in FAMILIES:
                 with gr.Column(min_width=240):
-                    gr.Markdown(f"### {TITLES[family]}")
+                    gr.Markdown(f"### {REGISTRY[family].title} · {REGISTRY[family].pattern}")
                     views[family] = gr.Image(label="how it sees the image", show_label=False, type="filepath",
                                              height=200, interactive=False, elem_id=f"view-{family}")  # fmt: skip
-                    gr.Markdown(f"<small>{LEGENDS[family]}</small>", elem_id=f"legend-{family}")
+                    gr.Markdown(f"<small>{REGISTRY[family].picture_legend}</small>", elem_id=f"legend-{family}")
                     chats[family] = gr.Chatbot(label=family, height=300, elem_id=f"chat-{family}")
                     stats[family] = gr.Markdown("", elem_id=f"stats-{family}")
                     if default_set == "embedded":
@@ -785,7 +588,8 @@ def smoke_test(models: ModelSet) -> int:
     for family in FAMILIES:
         reply = histories[family][-1]["text"]
         failed += reply.startswith("⚠️")
-        print(f"{TITLES[family]:32s} {reply!r:24s} {stats[family]}")
+        title = f"{REGISTRY[family].title} · {REGISTRY[family].pattern}"
+        print(f"{title:40s} {reply!r:24s} {stats[family]}")
     return 1 if failed else 0
 
 

@@ -10,12 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-import modeling  # noqa: E402,F401  (registers the Auto classes)
-from conversion.fuyu import convert_fuyu  # noqa: E402
-from conversion.idefics import convert_idefics  # noqa: E402
-from conversion.llava import convert_llava  # noqa: E402
-from conversion.qwen2_vl import convert_qwen2_vl  # noqa: E402
-from conversion.tiny import (  # noqa: E402
+import vlm_patterns  # noqa: E402,F401  (registers the Auto classes)
+from vlm_patterns.conversion.fuyu import convert_fuyu  # noqa: E402
+from vlm_patterns.conversion.idefics import convert_idefics  # noqa: E402
+from vlm_patterns.conversion.llava import convert_llava  # noqa: E402
+from vlm_patterns.conversion.qwen2_vl import convert_qwen2_vl  # noqa: E402
+from vlm_patterns.conversion.tiny import (  # noqa: E402
     build_tiny_clip,
     build_tiny_fuyu,
     build_tiny_idefics,

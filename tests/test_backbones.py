@@ -7,9 +7,9 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modeling.configuration_backbones import TextDecoderConfig, VisionTowerConfig
-from modeling.text_decoder import TextDecoder
-from modeling.vision_transformer import VisionTransformer
+from vlm_patterns.modeling.configuration_backbones import TextDecoderConfig, VisionTowerConfig
+from vlm_patterns.modeling.text_decoder import TextDecoder
+from vlm_patterns.modeling.vision_transformer import VisionTransformer
 
 
 def tiny_decoder_config(**overrides) -> TextDecoderConfig:

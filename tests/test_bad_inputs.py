@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import modeling  # noqa: F401
+import vlm_patterns  # noqa: F401  (registers the Auto classes)
+from vlm_patterns.families import FAMILIES as REGISTRY  # noqa: E402
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "training" / "checkpoints"
-FAMILIES = ("llava", "qwen2_vl", "fuyu", "flamingo")
+FAMILIES = list(REGISTRY)  # the registry's families
 EXAMPLE = Path(__file__).resolve().parents[1] / "spaces" / "examples" / "color-0.png"
 
 

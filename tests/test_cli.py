@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conversion import hub
-from conversion.cli import main
-from conversion.tiny import photo_like_image
+from vlm_patterns import publishing as hub
+from vlm_patterns.cli import main
+from vlm_patterns.conversion.tiny import photo_like_image
 
 
 def test_convert_with_verify_then_export_and_generate(llava_pair, tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_convert_with_verify_then_export_and_generate(llava_pair, tmp_path, caps
     answer = capsys.readouterr().out
     assert answer.strip()  # streamed to stdout
 
-    from conversion.generate import generate, load
+    from vlm_patterns.inference import generate, load
 
     model, processor = load(out)
     assert answer.rstrip("\n") == generate(model, processor, [str(image)], "What is it?", max_new_tokens=5)
@@ -127,7 +127,7 @@ def test_an_unreachable_hub_is_one_line(llava_pair, monkeypatch, capsys, tmp_pat
 MEMORY_CHILD = textwrap.dedent(
     """
     import sys
-    from conversion.llava import convert_llava
+    from vlm_patterns.conversion.llava import convert_llava
 
     def status(field):  # kB values from /proc/self/status
         for line in open("/proc/self/status"):
@@ -145,13 +145,13 @@ MEMORY_CHILD = textwrap.dedent(
 
 def test_conversion_streams_shard_by_shard(tmp_path):
     """Converting a 6-shard checkpoint must not hold more than a couple of shards in memory."""
-    from conversion.tiny import build_tiny_llava_hf
+    from vlm_patterns.conversion.tiny import build_tiny_llava_hf
 
     source = build_tiny_llava_hf(
         tmp_path / "wide", text_hidden_size=1024, text_layers=6, num_heads=8, num_key_value_heads=8
     )
     # Reshard the source into ~25 MB shards, as the Hub's multi-file checkpoints are.
-    from conversion.checkpoint_io import ShardWriter, iter_shard
+    from vlm_patterns.conversion.checkpoint_io import ShardWriter, iter_shard
 
     state = dict(iter_shard(source / "model.safetensors"))
     (source / "model.safetensors").unlink()
@@ -179,7 +179,7 @@ def test_conversion_streams_shard_by_shard(tmp_path):
 def test_shard_sizes_read_as_transformers_reads_them():
     import argparse
 
-    from conversion.cli import shard_size
+    from vlm_patterns.cli import shard_size
 
     assert shard_size("5GB") == 5 * 10**9 and shard_size("2GiB") == 2 * 2**30 and shard_size("500MB") == 5 * 10**8
     assert shard_size("123456") == 123456
@@ -198,11 +198,11 @@ def test_help_answers_without_importing_torch():
     """`vlm-patterns --help` (and each subcommand's) imports neither torch nor a converter."""
     code = (
         "import contextlib, io, sys\n"
-        "from conversion.cli import main\n"
+        "from vlm_patterns.cli import main\n"
         "for argv in (['--help'], ['convert', '--help'], ['train', '--help']):\n"
         "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
         "        main(argv)\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'conversion.llava') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'vlm_patterns.conversion.llava') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).resolve().parents[1])  # fmt: skip

@@ -8,10 +8,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-from conversion.checkpoint_io import ShardWriter, atomic_output_dir, checkpoint_keys, iter_shard, weight_files
-from conversion.key_mapping import Gather, KeyMap, Split, check_against
-from conversion.llava import config_from_llava_hf, convert_llava, export_llava
-from conversion.tiny import photo_like_image
+from vlm_patterns.conversion.checkpoint_io import (
+    ShardWriter,
+    atomic_output_dir,
+    checkpoint_keys,
+    iter_shard,
+    weight_files,
+)
+from vlm_patterns.conversion.key_mapping import Gather, KeyMap, Split, check_against
+from vlm_patterns.conversion.llava import config_from_llava_hf, convert_llava, export_llava
+from vlm_patterns.conversion.tiny import photo_like_image
 
 
 def all_tensors(folder):
@@ -173,7 +179,7 @@ def test_linear_projector_cannot_export(llava_original, tmp_path):
 
 @pytest.mark.parametrize("variant", ["hub-tied", "nested-untied"])
 def test_qwen2_vl_export_round_trip_is_bit_exact(qwen2_vl_pair, tmp_path, variant):
-    from conversion.qwen2_vl import convert_qwen2_vl, export_qwen2_vl
+    from vlm_patterns.conversion.qwen2_vl import convert_qwen2_vl, export_qwen2_vl
 
     source, converted = qwen2_vl_pair(variant)
     exported = export_qwen2_vl(converted, tmp_path / "exported")
@@ -185,7 +191,7 @@ def test_qwen2_vl_export_round_trip_is_bit_exact(qwen2_vl_pair, tmp_path, varian
 def test_qwen2_vl_exported_folder_serves_with_transformers(qwen2_vl_pair, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    from conversion.qwen2_vl import export_qwen2_vl
+    from vlm_patterns.conversion.qwen2_vl import export_qwen2_vl
 
     _, converted = qwen2_vl_pair("nested-untied")
     exported = export_qwen2_vl(converted, tmp_path / "exported")
@@ -205,7 +211,7 @@ def test_qwen2_vl_exported_folder_serves_with_transformers(qwen2_vl_pair, tmp_pa
 
 
 def test_qwen2_vl_sliding_window_is_refused(qwen2_vl_pair, tmp_path):
-    from conversion.qwen2_vl import convert_qwen2_vl
+    from vlm_patterns.conversion.qwen2_vl import convert_qwen2_vl
 
     source, _ = qwen2_vl_pair()
     config = json.loads((source / "config.json").read_text())
@@ -224,7 +230,7 @@ def test_qwen2_vl_sliding_window_is_refused(qwen2_vl_pair, tmp_path):
 
 @pytest.mark.parametrize("variant", ["small-canvas", "wider"])
 def test_fuyu_export_round_trip_is_bit_exact(fuyu_pair, tmp_path, variant):
-    from conversion.fuyu import convert_fuyu, export_fuyu
+    from vlm_patterns.conversion.fuyu import convert_fuyu, export_fuyu
 
     source, converted = fuyu_pair(variant)
     exported = export_fuyu(converted, tmp_path / "exported")
@@ -254,7 +260,7 @@ def test_fuyu_qkv_split_follows_the_per_head_interleaving(fuyu_pair):
 
 @pytest.mark.parametrize("variant", ["scalar-qk-norm", "vector-instruct", "no-resampler"])
 def test_idefics_export_round_trip_is_bit_exact(idefics_pair, tmp_path, variant):
-    from conversion.idefics import convert_idefics, export_idefics
+    from vlm_patterns.conversion.idefics import convert_idefics, export_idefics
 
     source, converted = idefics_pair(variant)
     exported = export_idefics(converted, tmp_path / "exported")
@@ -266,8 +272,8 @@ def test_idefics_export_round_trip_is_bit_exact(idefics_pair, tmp_path, variant)
 def test_idefics_exported_folder_serves_with_transformers(idefics_pair, tmp_path):
     from transformers import IdeficsForVisionText2Text, IdeficsProcessor
 
-    from conversion.idefics import export_idefics
-    from conversion.verify import idefics_reference_inputs
+    from vlm_patterns.conversion.idefics import export_idefics
+    from vlm_patterns.conversion.verify import idefics_reference_inputs
 
     source, converted = idefics_pair("vector-instruct")
     exported = export_idefics(converted, tmp_path / "exported")
@@ -295,9 +301,9 @@ def test_idefics_decoupled_vocabulary_is_concatenated(idefics_pair):
 
 
 def test_openflamingo_variant_cannot_export_to_idefics(tmp_path):
-    from conversion.idefics import export_idefics
-    from conversion.openflamingo import convert_openflamingo
-    from conversion.tiny import build_tiny_open_flamingo
+    from vlm_patterns.conversion.idefics import export_idefics
+    from vlm_patterns.conversion.openflamingo import convert_openflamingo
+    from vlm_patterns.conversion.tiny import build_tiny_open_flamingo
 
     checkpoint, clip, llama = build_tiny_open_flamingo(tmp_path / "of")
     converted = convert_openflamingo(checkpoint, tmp_path / "ours", vision=clip, language=llama)
@@ -338,7 +344,7 @@ def swap_processor_layout(source: Path, folder: Path) -> Path:
 def test_both_processor_layouts_convert_alike(fixture, request, tmp_path):
     from transformers import AutoProcessor
 
-    from conversion.cli import CONVERTERS
+    from vlm_patterns.families import SOURCE_LAYOUTS
 
     source, converted = request.getfixturevalue(fixture)()
     family = {"llava_pair": "llava", "qwen2_vl_pair": "qwen2_vl", "fuyu_pair": "fuyu", "idefics_pair": "idefics"}[
@@ -346,7 +352,7 @@ def test_both_processor_layouts_convert_alike(fixture, request, tmp_path):
     ]
     other = swap_processor_layout(source, tmp_path / "other-layout")
     assert (other / "preprocessor_config.json").exists() != (source / "preprocessor_config.json").exists()
-    again = CONVERTERS[family](other, tmp_path / "converted")
+    again = SOURCE_LAYOUTS[family][1].convert(other, tmp_path / "converted")
     image = photo_like_image(90, 70)
     first, second = AutoProcessor.from_pretrained(converted), AutoProcessor.from_pretrained(again)
     assert first.image_processor.to_dict() == second.image_processor.to_dict()

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, IdeficsForVisionText2Text
 
-from conversion.tiny import photo_like_image
-from conversion.verify import idefics_reference_inputs, pixel_agreement_for, pixels_agree, verify
-from modeling.flamingo_media import ImageState, image_attention, track_images
 from tests.conftest import IDEFICS_VARIANTS
+from vlm_patterns.conversion.tiny import photo_like_image
+from vlm_patterns.conversion.verify import idefics_reference_inputs, pixel_agreement_for, pixels_agree, verify_idefics
+from vlm_patterns.modeling.flamingo_visibility import ImageState, image_attention, track_images
 
 ATOL = 1e-4
 
@@ -67,7 +67,7 @@ def check_against_reference(source, reference, ours, processor, rows: list[list]
 @pytest.mark.parametrize("variant", list(IDEFICS_VARIANTS))
 def test_converter_verification_passes(idefics_pair, variant):
     source, converted = idefics_pair(variant)
-    report = verify("flamingo", source, converted, images=images(2))
+    report = verify_idefics(source, converted, images=images(2))
     assert report.passed, report.summary()
 
 

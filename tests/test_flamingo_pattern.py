@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conversion.text_models import transformers_text_config
-from conversion.tiny import build_idefics_tokenizer, photo_like_image
-from modeling import FlamingoPatternConfig, FlamingoPatternForConditionalGeneration
-from modeling.flamingo_media import ImageState, track_images
-from processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
+from vlm_patterns.conversion.text_models import transformers_text_config
+from vlm_patterns.conversion.tiny import build_idefics_tokenizer, photo_like_image
+from vlm_patterns.modeling import FlamingoPatternConfig, FlamingoPatternForConditionalGeneration
+from vlm_patterns.modeling.flamingo_visibility import ImageState, track_images
+from vlm_patterns.processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
 
 IMAGE, RESET = 99, 2
 
@@ -331,7 +331,7 @@ def test_few_shot_prompt_and_inputs(idefics_processor):
 
 
 def build_open_flamingo_tokenizer():
-    from conversion.tiny import build_tokenizer
+    from vlm_patterns.conversion.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(special_tokens=["<unk>", "<s>", "</s>"])
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"], "pad_token": "<PAD>"})
@@ -339,8 +339,8 @@ def build_open_flamingo_tokenizer():
 
 
 def test_chat_template_places_images_and_end_of_utterance():
-    from conversion.idefics import END_OF_UTTERANCE
-    from processing.processing_flamingo import flamingo_chat_template
+    from vlm_patterns.conversion.idefics import END_OF_UTTERANCE
+    from vlm_patterns.processing.processing_flamingo import flamingo_chat_template
 
     tokenizer = build_idefics_tokenizer(end_of_utterance=True)
     processor = FlamingoPatternProcessor(

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, FuyuForCausalLM
 
-from conversion.tiny import photo_like_image
-from conversion.verify import fuyu_reference_inputs, pixel_agreement_for, pixels_agree, verify
 from tests.conftest import FUYU_VARIANTS
+from vlm_patterns.conversion.tiny import photo_like_image
+from vlm_patterns.conversion.verify import fuyu_reference_inputs, pixel_agreement_for, pixels_agree, verify_fuyu
 
 ATOL = 1e-4
 PROMPT = "Generate a coco-style caption.\n"
@@ -36,7 +36,7 @@ def assert_same_outputs(reference, ours, inputs, new_tokens=8):
 @pytest.mark.parametrize("variant", list(FUYU_VARIANTS))
 def test_converter_verification_passes(fuyu_pair, variant):
     source, converted = fuyu_pair(variant)
-    report = verify("fuyu", source, converted)
+    report = verify_fuyu(source, converted)
     assert report.passed, report.summary()
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import modeling  # noqa: F401
+import vlm_patterns  # noqa: F401  (registers the Auto classes)
+from vlm_patterns.families import FAMILIES as REGISTRY  # noqa: E402
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "training" / "checkpoints"
 EXAMPLES = Path(__file__).resolve().parents[1] / "spaces" / "examples"
-FAMILIES = ("llava", "qwen2_vl", "fuyu", "flamingo")
+FAMILIES = list(REGISTRY)  # the registry's families
 VISION_PREFIXES = ("model.vision_tower", "model.visual", "model.vision_embed_tokens", "model.vision_model", "")
 
 

@@ -15,12 +15,13 @@ import PIL.ImageOps
 import pytest
 import torch
 
-from processing import ImageInputError, load_image
-from processing.image_ops import flatten_images
+from vlm_patterns.families import FAMILIES as REGISTRY  # noqa: E402
+from vlm_patterns.processing import ImageInputError, load_image
+from vlm_patterns.processing.image_ops import flatten_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "training" / "checkpoints"
-FAMILIES = ("llava", "qwen2_vl", "fuyu", "flamingo")
+FAMILIES = list(REGISTRY)  # the registry's families
 
 
 def png_bytes(image: PIL.Image.Image, **save) -> bytes:
@@ -141,7 +142,7 @@ def test_a_none_among_the_images_is_refused_everywhere():
         flatten_images([[a, None], [b, c]])
     from transformers import AutoProcessor
 
-    import modeling  # noqa: F401
+    import vlm_patterns  # noqa: F401  (registers the Auto classes)
 
     flamingo = AutoProcessor.from_pretrained(CHECKPOINTS / "flamingo")
     with pytest.raises(ImageInputError, match="is None"):

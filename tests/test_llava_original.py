@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from conversion.checkpoint_io import iter_shard, weight_files
-from conversion.llava import VOCAB_MULTIPLE
-from conversion.verify import verify_llava
+from vlm_patterns.conversion.checkpoint_io import iter_shard, weight_files
+from vlm_patterns.conversion.llava import VOCAB_MULTIPLE
+from vlm_patterns.conversion.verify import verify_llava
 
 # transformers' convert_llava_weights_to_hf.py renames keys by substring replacement, in this order.
 TRANSFORMERS_KEYS_TO_MODIFY = {
@@ -87,7 +87,7 @@ def test_original_layout_follows_transformers_converter(llava_original):
 
 
 def test_conversion_is_reproducible(llava_original, tmp_path):
-    from conversion.llava import convert_llava
+    from vlm_patterns.conversion.llava import convert_llava
 
     source, converted = llava_original()
     again = convert_llava(source, tmp_path / "again")

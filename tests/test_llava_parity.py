@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-from conversion.tiny import photo_like_image
-from conversion.verify import pixel_agreement, pixels_agree
 from tests.conftest import LLAVA_VARIANTS
+from vlm_patterns.conversion.tiny import photo_like_image
+from vlm_patterns.conversion.verify import pixel_agreement, pixels_agree
 
 ATOL = 1e-4
 

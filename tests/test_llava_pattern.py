@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
 
-from conversion.tiny import photo_like_image
+from vlm_patterns.conversion.tiny import photo_like_image
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conversion.cli import main
-from conversion.openflamingo import convert_openflamingo, load_checkpoint
-from conversion.openflamingo_reference import OpenFlamingoReference
-from conversion.tiny import build_tiny_open_flamingo, photo_like_image
-from conversion.verify import verify
+from vlm_patterns.cli import main
+from vlm_patterns.conversion.openflamingo import convert_openflamingo, load_checkpoint
+from vlm_patterns.conversion.openflamingo_reference import OpenFlamingoReference
+from vlm_patterns.conversion.tiny import build_tiny_open_flamingo, photo_like_image
+from vlm_patterns.conversion.verify import verify_openflamingo
 
 VARIANTS = {
     "trainable-only-n2": dict(),
@@ -37,7 +37,7 @@ def open_flamingo(tmp_path_factory):
 def test_verification_against_openflamingo_passes(open_flamingo, variant):
     checkpoint, clip, llama, converted = open_flamingo(variant)
     images = [photo_like_image(60, 45, seed=i) for i in range(3)]
-    report = verify("openflamingo", checkpoint, converted, vision=clip, language=llama, images=images)
+    report = verify_openflamingo(checkpoint, converted, vision=clip, language=llama, images=images)
     assert report.passed, report.summary()
 
 

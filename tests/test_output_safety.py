@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conversion.checkpoint_io import OUTPUT_MARKER, CorruptCheckpointError, atomic_output_dir
-from conversion.cli import main as cli
-from conversion.llava import convert_llava
+from vlm_patterns.cli import main as cli
+from vlm_patterns.conversion.checkpoint_io import OUTPUT_MARKER, CorruptCheckpointError, atomic_output_dir
+from vlm_patterns.conversion.llava import convert_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,9 +61,9 @@ def test_overwrite_replaces_only_our_own_outputs(llava_pair, tmp_path, capsys):
 def test_a_file_as_output_is_refused_before_any_work(llava_pair, tmp_path, monkeypatch):
     target = tmp_path / "model"
     target.write_text("a file")
-    import conversion.llava as llava_module
+    import vlm_patterns.conversion.pipeline as pipeline
 
-    monkeypatch.setattr(llava_module, "_write_weights", lambda *a, **k: pytest.fail("converted before checking"))
+    monkeypatch.setattr(pipeline, "write_weights", lambda *a, **k: pytest.fail("converted before checking"))
     for overwrite in (False, True):
         with pytest.raises(FileExistsError, match="existing file"):
             convert_llava(llava_pair()[0], target, overwrite=overwrite)
@@ -97,11 +97,11 @@ def test_corrupt_safetensors_name_the_file(llava_pair, tmp_path, capsys):
 
 KILL_AT_REPLACEMENT = """
 import os, sys
-import conversion.checkpoint_io as io
+import vlm_patterns.conversion.checkpoint_io as io
 def killed(*args, **kwargs):
     os.kill(os.getpid(), 9)
 io.shutil.rmtree = killed  # the first delete after the new output is in place: kill -9 there
-from conversion.llava import convert_llava
+from vlm_patterns.conversion.llava import convert_llava
 convert_llava(sys.argv[1], sys.argv[2], overwrite=True)
 """
 

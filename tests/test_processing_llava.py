@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil
 
-from conversion.tiny import build_tokenizer, example_image, photo_like_image
-from conversion.verify import pixel_agreement, pixels_agree
-from processing import ImageInputError, LlavaPatternImageProcessor, LlavaPatternProcessor, load_image
-from processing.processing_llava import LLAVA_CHAT_TEMPLATE
+from vlm_patterns.conversion.tiny import build_tokenizer, example_image, photo_like_image
+from vlm_patterns.conversion.verify import pixel_agreement, pixels_agree
+from vlm_patterns.processing import ImageInputError, LlavaPatternImageProcessor, LlavaPatternProcessor, load_image
+from vlm_patterns.processing.processing_llava import LLAVA_CHAT_TEMPLATE
 
 STD = LlavaPatternImageProcessor().image_std
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLForConditionalGeneration
 
-from conversion.tiny import photo_like_image
-from conversion.verify import pixel_agreement_for, pixels_agree, qwen2_vl_reference_inputs, verify
 from tests.conftest import QWEN2_VL_VARIANTS
+from vlm_patterns.conversion.tiny import photo_like_image
+from vlm_patterns.conversion.verify import pixel_agreement_for, pixels_agree, qwen2_vl_reference_inputs, verify_qwen2_vl
 
 ATOL = 1e-4
 
@@ -41,7 +41,7 @@ def assert_same_outputs(reference, ours, inputs, new_tokens=10):
 @pytest.mark.parametrize("variant", list(QWEN2_VL_VARIANTS))
 def test_converter_verification_passes(qwen2_vl_pair, variant):
     source, converted = qwen2_vl_pair(variant)
-    report = verify("qwen2_vl", source, converted)
+    report = verify_qwen2_vl(source, converted)
     assert report.passed, report.summary()
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2Config, Qwen2ForCausalLM
 
-from conversion.tiny import photo_like_image
-from modeling.modeling_qwen2_vl import get_rope_index
-from processing import ImageInputError, Qwen2VLPatternImageProcessor
-from processing.image_processing_qwen2_vl import smart_resize
+from vlm_patterns.conversion.tiny import photo_like_image
+from vlm_patterns.modeling.modeling_qwen2_vl import get_rope_index
+from vlm_patterns.processing import ImageInputError, Qwen2VLPatternImageProcessor
+from vlm_patterns.processing.image_processing_qwen2_vl import smart_resize
 
 
 @pytest.fixture(scope="module")

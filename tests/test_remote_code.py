@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conversion.tiny import photo_like_image
+from vlm_patterns.conversion.tiny import photo_like_image
+from vlm_patterns.families import FAMILIES as REGISTRY
 
 # Runs in a child interpreter: the project's packages are made unimportable before anything else happens.
 CHILD = textwrap.dedent(
@@ -18,7 +19,7 @@ CHILD = textwrap.dedent(
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"modeling", "processing", "conversion", "tests"}:
+            if name.split(".")[0] in {"vlm_patterns", "modeling", "processing", "conversion", "training", "tests"}:
                 raise ModuleNotFoundError(f"{name} is blocked: this interpreter must not see the project")
 
     sys.meta_path.insert(0, Block())
@@ -30,7 +31,7 @@ CHILD = textwrap.dedent(
 
     folder, image_path, out_path = sys.argv[1:4]
     try:
-        import modeling
+        import vlm_patterns
         raise SystemExit("the project is importable")
     except ModuleNotFoundError:
         pass
@@ -57,11 +58,9 @@ CHILD = textwrap.dedent(
 )
 
 
+# Each family's tiny conversion fixture (conftest.py), named after the source layout it converts.
 FAMILIES = {
-    "llava": ("llava_pair", "LlavaPattern"),
-    "qwen2_vl": ("qwen2_vl_pair", "Qwen2VLPattern"),
-    "fuyu": ("fuyu_pair", "FuyuPattern"),
-    "flamingo": ("idefics_pair", "FlamingoPattern"),
+    name: (f"{family.layouts[0].name}_pair", f"{family.class_prefix}Pattern") for name, family in REGISTRY.items()
 }
 
 

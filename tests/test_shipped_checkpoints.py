@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from training.evaluate import evaluate
-from training.families import FAMILIES
+from vlm_patterns.families import FAMILIES
+from vlm_patterns.training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "training" / "checkpoints"
@@ -52,11 +52,16 @@ def test_clearly_above_chance_on_a_fresh_draw(family):
 
 
 def test_assembled_space_runs_on_its_own(tmp_path):
-    from conversion.cli import main
+    from vlm_patterns.cli import main
 
     out = tmp_path / "space"
     assert main(["space", str(out)]) == 0
-    assert (out / "app.py").exists() and (out / "modeling").is_dir() and (out / "training" / "checkpoints").is_dir()
+    package = out / "vlm_patterns"
+    assert (out / "app.py").exists() and (package / "modeling").is_dir()
+    assert (package / "training" / "checkpoints").is_dir() and (package / "spaces" / "examples").is_dir()
+    where = subprocess.run([sys.executable, "-c", "import vlm_patterns.modeling as m; print(m.__file__)"],
+                           capture_output=True, text=True, cwd=out, timeout=120)  # fmt: skip
+    assert Path(where.stdout.strip()).is_relative_to(package), where.stdout + where.stderr  # its own copy
     result = subprocess.run([sys.executable, str(out / "app.py"), "--smoke-test"], capture_output=True, text=True,
                             cwd=tmp_path, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
@@ -65,7 +70,7 @@ def test_assembled_space_runs_on_its_own(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shipped_code_is_the_repositorys(family):
-    """The code `trust_remote_code` loads from a shipped checkpoint is today's: refresh with `python -m training.ship`."""
+    """The code `trust_remote_code` loads from a shipped checkpoint is today's: refresh with `python -m vlm_patterns.training.ship`."""
     folder = CHECKPOINTS / family
     shipped = sorted(folder.glob("*.py"))
     assert any(p.name == f"modeling_{family}.py" for p in shipped) and any(
@@ -73,11 +78,11 @@ def test_shipped_code_is_the_repositorys(family):
     )
     for path in shipped:
         source = next(p for p in (ROOT / "modeling" / path.name, ROOT / "processing" / path.name) if p.exists())
-        assert path.read_bytes() == source.read_bytes(), f"{path} is stale: run python -m training.ship"
+        assert path.read_bytes() == source.read_bytes(), f"{path} is stale: run python -m vlm_patterns.training.ship"
     from transformers import AutoProcessor
 
-    import modeling  # noqa: F401
-    from training.families import build_processor
+    import vlm_patterns  # noqa: F401  (registers the Auto classes)
+    from vlm_patterns.training.recipes import build_processor
 
     processor = AutoProcessor.from_pretrained(folder)
     assert processor.chat_template == build_processor(family, processor.tokenizer).chat_template

@@ -1,16 +1,14 @@
 """The Space's functions without a browser: the pattern pictures, streaming answers, errors kept to their column,
 multi-turn chats, and memory over many requests."""
 
-import sys
 from pathlib import Path
 
 import PIL.Image
 import pytest
 
-SPACE = Path(__file__).resolve().parents[1] / "spaces"
-sys.path.insert(0, str(SPACE))
+from vlm_patterns.spaces import app, pictures
 
-import app  # noqa: E402
+SPACE = Path(__file__).resolve().parents[1] / "spaces"
 
 EXAMPLE = str(SPACE / "examples" / "color-0.png")
 
@@ -28,10 +26,10 @@ def run(message, models, histories=None, **settings):
 
 def test_views_count_what_the_processors_count(models):
     image = PIL.Image.open(EXAMPLE)
-    view, tokens = app.llava_view(image, 64, 8, pad_to_square=True)
-    assert tokens == 64 and max(view.size) == app.DISPLAY
+    view, tokens = pictures.square_input_view(image, 64, 8, pad_to_square=True)
+    assert tokens == 64 and max(view.size) == pictures.DISPLAY
     for budget in (4, 16, 64):
-        _, qwen_tokens = app.qwen2_vl_view(image, 14, 2, 56 * 56, budget * 28 * 28)
+        _, qwen_tokens = pictures.native_resolution_view(image, 14, 2, 56 * 56, budget * 28 * 28)
         model, processor = models.get("qwen2_vl")
         history = [{"role": "user", "text": "What color is the square?", "images": [EXAMPLE], "paths": []}]
         _, expected = app.build_inputs(
@@ -39,11 +37,11 @@ def test_views_count_what_the_processors_count(models):
         )
         assert [qwen_tokens] == expected
     model, processor = models.get("fuyu")
-    _, fuyu_tokens = app.fuyu_view(image, 16, processor.image_processor.size)
+    _, fuyu_tokens = pictures.patch_rows_view(image, 16, processor.image_processor.size)
     _, expected = app.build_inputs(model, processor, "fuyu", history, app.Settings())
     assert [fuyu_tokens] == expected
     for family in app.FAMILIES:
-        picture = app.pattern_view(family, models, EXAMPLE)
+        picture = pictures.pattern_view(family, *models.get(family), EXAMPLE)
         assert isinstance(picture, PIL.Image.Image) and min(picture.size) > 32
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from vlm_patterns.families import FAMILIES as REGISTRY  # noqa: E402
+
 SPACE = Path(__file__).resolve().parents[1] / "spaces"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FAMILIES = ("llava", "qwen2_vl", "fuyu", "flamingo")
+FAMILIES = list(REGISTRY)  # the registry's families
 
 
 def free_port() -> int:

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from training.collate import VQACollator, prompt_text
-from training.families import FAMILIES, SPECS, build_model, build_processor
-from training.synthetic_vqa import ANSWERS, KINDS, as_dataset, examples, make_example, vocabulary
-from training.train import CONNECTORS, TrainOptions, apply_freezing, train
-from training.vqa_tokenizer import build_vqa_tokenizer
+from vlm_patterns.families import FAMILIES
+from vlm_patterns.training.collate import VQACollator, prompt_text
+from vlm_patterns.training.recipes import build_model, build_processor, recipe_names
+from vlm_patterns.training.synthetic_vqa import ANSWERS, KINDS, as_dataset, examples, make_example, vocabulary
+from vlm_patterns.training.train import TrainOptions, apply_freezing, train
+from vlm_patterns.training.vqa_tokenizer import build_vqa_tokenizer
 
 
 def test_examples_are_deterministic_and_cover_every_kind():
@@ -59,8 +60,8 @@ def test_tokenizer_knows_every_word_of_the_family_prompts(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_collator_labels_only_the_answer(family):
     processor = build_processor(family)
-    batch = [vars(e) for e in examples("train", 6, multi_image=SPECS[family].multi_image)]
-    inputs = VQACollator(processor, family)(batch)
+    batch = [vars(e) for e in examples("train", 6, multi_image=FAMILIES[family].images_per_prompt != 1)]
+    inputs = VQACollator(processor)(batch)
     tokenizer = processor.tokenizer
     for row, example in zip(range(len(batch)), batch, strict=True):
         labelled = inputs["labels"][row][inputs["labels"][row] != -100].tolist()
@@ -76,14 +77,14 @@ def test_collator_labels_only_the_answer(family):
 def test_freezing_strategies(family):
     model = build_model(family, build_vqa_tokenizer(family))
     total = sum(p.numel() for p in model.parameters())
-    assert apply_freezing(model, family, "none") == total
-    connector = apply_freezing(model, family, "connector")
+    assert apply_freezing(model, "none") == total
+    connector = apply_freezing(model, "connector")
     assert 0 < connector < total
-    assert all(n.startswith(CONNECTORS[family]) for n, p in model.named_parameters() if p.requires_grad)
-    vision = apply_freezing(model, family, "vision")
+    assert all(n.startswith(FAMILIES[family].connector) for n, p in model.named_parameters() if p.requires_grad)
+    vision = apply_freezing(model, "vision")
     assert (vision == total) == (family == "fuyu")  # Fuyu has no vision encoder to freeze
     with pytest.raises(ValueError, match="--freeze"):
-        apply_freezing(model, family, "everything")
+        apply_freezing(model, "everything")
 
 
 def test_a_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
@@ -93,7 +94,7 @@ def test_a_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
     assert losses[-1] < 0.6 * losses[0]
     saved = json.loads((tmp_path / "llava" / "training_log.json").read_text())
     assert saved["held_out_curve"][-1]["step"] == 40
-    from training.evaluate import evaluate
+    from vlm_patterns.training.evaluate import evaluate
 
     result = evaluate(tmp_path / "llava", num_examples=32, seed=5, latency_samples=2)
     assert result.examples == 32 and result.visual_tokens_per_image == 64
@@ -103,7 +104,7 @@ def test_a_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
 def test_evaluation_margins_and_the_one_image_accuracy():
     """The table's noise bound is two binomial standard errors; the one-image accuracy leaves the two-image kind out,
     weighting each kind by its questions."""
-    from training.evaluate import Evaluation
+    from vlm_patterns.training.evaluate import Evaluation
 
     result = Evaluation(family="llava", examples=400, seed=0, accuracy=0.5,
                         accuracy_by_kind={"color": 0.9, "shape": 0.3, "compare": 0.4},
@@ -125,7 +126,7 @@ def test_a_short_run_from_scratch_answers_clearly_above_chance(family, tmp_path)
     """Every pattern learns the task from scratch with the default recipe in a short run: on held-out questions
     it beats uniform guessing by more than 10 points (always giving the likeliest answer of each kind scores only about
     2 points above uniform guessing)."""
-    from training.evaluate import evaluate
+    from vlm_patterns.training.evaluate import evaluate
 
     train(TrainOptions(family=family, output=str(tmp_path / family), steps=SHORT_RUN_STEPS, eval_every=SHORT_RUN_STEPS,
                        eval_examples=16))  # fmt: skip
@@ -164,7 +165,7 @@ def test_lora_fine_tuning_of_a_converted_checkpoint(llava_pair, tmp_path):
 
 def test_accelerate_launch_runs_the_recipe(tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "training.train", "fuyu",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "vlm_patterns.training.train", "fuyu",
                "--output", str(tmp_path / "fuyu"), "--steps", "3", "--batch-size", "4", "--eval-every", "3",
                "--eval-examples", "4"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300)
@@ -175,7 +176,7 @@ def test_accelerate_launch_runs_the_recipe(tmp_path):
 
 def test_trainer_arguments_pass_through_and_resume(tmp_path):
     """transformers' own flags reach TrainingArguments; checkpoints are saved under OUTPUT/trainer and resumed."""
-    from training.train import training_arguments
+    from vlm_patterns.training.train import training_arguments
 
     options = TrainOptions(family="fuyu", output=str(tmp_path / "fuyu"), steps=4, batch_size=4, eval_every=4,
                            eval_examples=8, trainer_args=("--gradient_accumulation_steps", "2", "--save_strategy",
@@ -191,3 +192,7 @@ def test_trainer_arguments_pass_through_and_resume(tmp_path):
         "--resume_from_checkpoint", str(Path(options.output) / "trainer" / "checkpoint-4"))})  # fmt: skip
     log = train(resumed)
     assert log["loss_curve"] and "checkpoint-6" in [p.name for p in (Path(options.output) / "trainer").iterdir()]
+
+
+def test_every_family_of_the_registry_has_a_training_recipe():
+    assert recipe_names() == sorted(FAMILIES)

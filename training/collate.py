@@ -21,21 +21,16 @@ def prompt_text(processor, question: str, num_images: int) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def images_argument(family: str, rows: list[list]):
-    """Fuyu takes one image per prompt; the others one list of images per prompt."""
-    return [row[0] for row in rows] if family == "fuyu" else rows
-
-
 class VQACollator:
     """Batches of examples (dicts with images, question, answer) -> model inputs with `labels`."""
 
-    def __init__(self, processor, family: str, with_answers: bool = True):
-        self.processor, self.family, self.with_answers = processor, family, with_answers
+    def __init__(self, processor, with_answers: bool = True):
+        self.processor, self.with_answers = processor, with_answers
 
     def __call__(self, examples: list[dict]) -> dict:
         if not self.with_answers:
             prompts = [prompt_text(self.processor, e["question"], len(e["images"])) for e in examples]
-            images = images_argument(self.family, [e["images"] for e in examples])
+            images = [e["images"] for e in examples]  # one list per prompt (Fuyu's hold one image each)
             inputs = dict(self.processor(images=images, text=prompts, padding_side="left"))
         else:
             conversations = [

@@ -17,9 +17,6 @@ import torch
 from .collate import VQACollator
 from .synthetic_vqa import KINDS, SINGLE_IMAGE_KINDS, examples, kinds_for
 
-FAMILY_OF_MODEL_TYPE = {"llava_pattern": "llava", "qwen2_vl_pattern": "qwen2_vl", "fuyu_pattern": "fuyu",
-                        "flamingo_pattern": "flamingo"}  # fmt: skip
-
 
 @dataclass
 class Evaluation:
@@ -73,11 +70,9 @@ class Evaluation:
 def load_checkpoint(path: str | Path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import modeling  # noqa: F401  (registers our families with the Auto classes)
-
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
-    return model, processor, FAMILY_OF_MODEL_TYPE[model.config.model_type]
+    return model, processor, model.config.model_type.removesuffix("_pattern")  # model_type is `<family>_pattern`
 
 
 def first_word(text: str) -> str:
@@ -85,13 +80,13 @@ def first_word(text: str) -> str:
     return words[0].lower() if words else ""
 
 
-def answer(model, processor, family: str, batch: list[dict], max_new_tokens: int = 3) -> list[str]:
+def answer(model, processor, batch: list[dict], max_new_tokens: int = 3) -> list[str]:
     """Greedy answers (their first word) to a batch of examples."""
-    return answer_inputs(model, processor, collate_prompts(processor, family, batch), max_new_tokens)
+    return answer_inputs(model, processor, collate_prompts(processor, batch), max_new_tokens)
 
 
-def collate_prompts(processor, family: str, batch: list[dict]) -> dict[str, torch.Tensor]:
-    return VQACollator(processor, family, with_answers=False)(batch)
+def collate_prompts(processor, batch: list[dict]) -> dict[str, torch.Tensor]:
+    return VQACollator(processor, with_answers=False)(batch)
 
 
 @torch.inference_mode()
@@ -103,16 +98,11 @@ def answer_inputs(model, processor, inputs: dict[str, torch.Tensor], max_new_tok
     return [first_word(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def visual_tokens(model, family: str, input_ids: torch.Tensor, batch: list[dict]) -> list[int]:
-    """How many visual tokens each image of the batch became (its placeholders in the prompt; Flamingo's are the
-    resampler's latents, outside the sequence)."""
-    if family == "flamingo":
-        return [model.config.num_visual_tokens for e in batch for _ in e["images"]]
-    counts = []
-    for row, example in zip(input_ids, batch, strict=True):
-        placeholders = int((row == model.config.image_token_id).sum())
-        counts += [placeholders / len(example["images"])] * len(example["images"])
-    return counts
+def visual_tokens(processor, batch: list[dict]) -> list[int]:
+    """How many visual tokens each image of the batch becomes for the language model, as the processor counts
+    them (`_get_num_multimodal_tokens`, the same count the Space shows)."""
+    sizes = [(image.height, image.width) for example in batch for image in example["images"]]
+    return list(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens) if sizes else []
 
 
 def evaluate(
@@ -121,28 +111,27 @@ def evaluate(
     """Accuracy on `num_examples` held-out questions drawn with `seed` (the tests and README use others than
     training does: the held-out split never shares a seed with the training stream)."""
     model, processor, family = load_checkpoint(checkpoint)
-    from .families import SPECS
-
-    data = [vars(e) for e in examples("held_out", num_examples, seed, SPECS[family].multi_image)]
+    multi_image = processor.max_images_per_prompt != 1
+    data = [vars(e) for e in examples("held_out", num_examples, seed, multi_image)]
     right, total = defaultdict(int), defaultdict(int)
     errors, tokens = [], []
     for start in range(0, len(data), batch_size):
         batch = data[start : start + batch_size]
-        inputs = collate_prompts(processor, family, batch)
+        inputs = collate_prompts(processor, batch)
         for example, predicted in zip(batch, answer_inputs(model, processor, inputs), strict=True):
             total[example["kind"]] += 1
             right[example["kind"]] += predicted == example["answer"]
             if predicted != example["answer"] and len(errors) < 20:
                 errors.append(dict(question=example["question"], answer=example["answer"], predicted=predicted))
-        tokens += visual_tokens(model, family, inputs["input_ids"], batch)
+        tokens += visual_tokens(processor, batch)
     timings = []
     for example in data[:latency_samples]:
         started = time.perf_counter()
-        answer(model, processor, family, [example])
+        answer(model, processor, [example])
         timings.append(time.perf_counter() - started)
     from .synthetic_vqa import ANSWERS
 
-    kinds = [k for k in kinds_for(SPECS[family].multi_image) if total[k]]
+    kinds = [k for k in kinds_for(multi_image) if total[k]]
     return Evaluation(
         family=family,
         examples=len(data),

@@ -1,16 +1,10 @@
-"""The training recipe's options, its command-line flags and the parameters each family trains: nothing here
-imports torch, so `vlm-patterns --help` answers at once."""
+"""The training recipe's options and its command-line flags: nothing here imports torch, so `vlm-patterns --help`
+answers at once."""
 
 import argparse
 from dataclasses import dataclass
 
-# Parameters of each family's connector (trained with every strategy) and vision encoder.
-CONNECTORS = {
-    "llava": ("model.multi_modal_projector.",),
-    "qwen2_vl": ("model.visual.merger.",),
-    "fuyu": ("model.vision_embed_tokens.",),
-    "flamingo": ("model.perceiver_resampler.", "model.gated_cross_attn_layers."),
-}
+from .recipes import recipe_names
 
 
 @dataclass
@@ -41,7 +35,7 @@ class TrainOptions:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainOptions(family="", output="")
-    parser.add_argument("family", choices=list(CONNECTORS), help="the pattern to train")
+    parser.add_argument("family", choices=recipe_names(), help="the pattern to train")
     parser.add_argument("--output", required=True, help="checkpoint folder to write")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,

@@ -1,7 +1,8 @@
 """Refresh the checkpoints shipped in training/checkpoints: the same weights, re-saved with the code that
-`trust_remote_code` loads (modeling and processing files, `auto_map`) and with the family's current chat template.
+`trust_remote_code` loads (modeling and processing files, `auto_map`) and with the family's current processor
+(chat template included).
 
-Run after changing anything in `modeling/` or `processing/`: `python -m training.ship` (a test compares the shipped
+Run after changing anything in `modeling/` or `processing/`: `python -m vlm_patterns.training.ship` (a test compares the shipped
 code with the repository's and says so when it is stale). The weights are checked to be unchanged, bit for bit.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .families import FAMILIES, build_processor
+from .recipes import build_processor, recipe_names
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 KEPT_FILES = ("training_log.json", "evaluation.json")  # written by training and evaluation, not save_pretrained
@@ -23,12 +24,10 @@ def refresh(folder: str | Path, family: str) -> Path:
     """Re-save one shipped checkpoint in place (through a staging folder swapped in at the end)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import modeling  # noqa: F401  (registers the Auto classes)
-
     folder = Path(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(folder)
-    processor.chat_template = build_processor(family, processor.tokenizer).chat_template
+    # The recipe's processor around the shipped tokenizer: today's chat template and processor settings.
+    processor = build_processor(family, AutoProcessor.from_pretrained(folder).tokenizer)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(staging)
@@ -50,15 +49,15 @@ def refresh(folder: str | Path, family: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.ship", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m vlm_patterns.training.ship", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("families", nargs="*", metavar="FAMILY",
-                        help=f"which shipped checkpoints to refresh, of {', '.join(FAMILIES)} (default: all four)")  # fmt: skip
+                        help=f"which shipped checkpoints to refresh, of {', '.join(recipe_names())} (default: all)")  # fmt: skip
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.families) - set(FAMILIES))
+    unknown = sorted(set(args.families) - set(recipe_names()))
     if unknown:
-        parser.error(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
-    for family in args.families or FAMILIES:
+        parser.error(f"unknown families {unknown}; choose from {', '.join(recipe_names())}")
+    for family in args.families or recipe_names():
         print(f"refreshed {refresh(CHECKPOINTS / family, family)}")
     return 0
 

@@ -1,5 +1,5 @@
 """The training recipe: any family on the synthetic task, from scratch or from a checkpoint, on transformers'
-`Trainer` (so `accelerate launch -m training.train ...` spreads it over GPUs or nodes unchanged).
+`Trainer` (so `accelerate launch -m vlm_patterns.training.train ...` spreads it over GPUs or nodes unchanged).
 
 Freezing strategies, the usual three:
 - `none`: train everything (from scratch there is nothing worth keeping);
@@ -23,15 +23,9 @@ import torch
 from torch.utils.data import IterableDataset
 
 from .collate import VQACollator
-from .options import CONNECTORS, TrainOptions, add_arguments, options_from
+from .options import TrainOptions, add_arguments, options_from
 from .synthetic_vqa import examples, kinds_for, make_example, training_seed
 
-VISION_ENCODERS = {
-    "llava": ("model.vision_tower.",),
-    "qwen2_vl": ("model.visual.patch_embed.", "model.visual.blocks."),
-    "fuyu": (),
-    "flamingo": ("model.vision_model.",),
-}
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -48,25 +42,26 @@ class SyntheticStream(IterableDataset):
             index += 1
 
 
-def apply_freezing(model, family: str, strategy: str) -> int:
-    """Set requires_grad by strategy; returns the number of trainable parameters."""
+def apply_freezing(model, strategy: str) -> int:
+    """Set requires_grad by strategy (the model names its vision encoder and connector); returns the number of
+    trainable parameters."""
     if strategy not in ("none", "vision", "connector"):
         raise ValueError(f"--freeze must be none, vision or connector, not {strategy!r}")
     for name, parameter in model.named_parameters():
         if strategy == "vision":
-            parameter.requires_grad_(not name.startswith(VISION_ENCODERS[family]))
+            parameter.requires_grad_(not name.startswith(model.vision_encoder_prefixes))
         elif strategy == "connector":
-            parameter.requires_grad_(name.startswith(CONNECTORS[family]))
+            parameter.requires_grad_(name.startswith(model.connector_prefixes))
         else:
             parameter.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def add_lora(model, family: str, rank: int):
+def add_lora(model, rank: int):
     """Low-rank adapters on the language model's projections; the connector trains fully beside them."""
     from peft import LoraConfig, get_peft_model
 
-    connector = [name.removeprefix("model.").rstrip(".") for name in CONNECTORS[family]]
+    connector = [name.removeprefix("model.").rstrip(".") for name in model.connector_prefixes]
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
                         modules_to_save=connector)  # fmt: skip
     return get_peft_model(model, config)
@@ -75,7 +70,7 @@ def add_lora(model, family: str, rank: int):
 class HeldOutCurve:
     """Held-out accuracy every `every` steps: the learning curve `vlm-patterns compare` plots."""
 
-    def __init__(self, processor, family: str, batch_size: int, every: int, num_examples: int, multi_image: bool):
+    def __init__(self, processor, batch_size: int, every: int, num_examples: int, multi_image: bool):
         from transformers import TrainerCallback
 
         self.points, outer = [], self
@@ -84,11 +79,11 @@ class HeldOutCurve:
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 if state.global_step % every == 0 or state.global_step == state.max_steps:
-                    outer.measure(model, processor, family, state.global_step, batch_size)
+                    outer.measure(model, processor, state.global_step, batch_size)
 
         self.callback = Callback()
 
-    def measure(self, model, processor, family: str, step: int, batch_size: int) -> float:
+    def measure(self, model, processor, step: int, batch_size: int) -> float:
         from .evaluate import answer
 
         was_training = model.training
@@ -96,7 +91,7 @@ class HeldOutCurve:
         right = 0
         for start in range(0, len(self.data), 64):
             batch = self.data[start : start + 64]
-            right += sum(p == e["answer"] for p, e in zip(answer(model, processor, family, batch), batch, strict=True))
+            right += sum(p == e["answer"] for p, e in zip(answer(model, processor, batch), batch, strict=True))
         model.train(was_training)
         accuracy = right / len(self.data)
         self.points.append(dict(step=step, examples=step * batch_size, accuracy=accuracy))
@@ -105,7 +100,7 @@ class HeldOutCurve:
 
 
 def build_model_and_processor(options: TrainOptions):
-    from .families import build_model, build_processor
+    from .recipes import build_model, build_processor
     from .vqa_tokenizer import build_vqa_tokenizer
 
     if options.init_from:
@@ -117,7 +112,7 @@ def build_model_and_processor(options: TrainOptions):
         return model, processor
     tokenizer = build_vqa_tokenizer(options.family)
     model = build_model(options.family, tokenizer, options.seed)
-    if options.family == "flamingo":
+    if hasattr(model.model, "gated_cross_attn_layers"):
         # Flamingo closes its gates (alpha = 0) to keep a pretrained language model intact at the start. From
         # scratch there is nothing to keep, and closed gates stall learning: the cross-attention gets no gradient
         # while tanh(alpha) is 0, and alpha none that points anywhere while the cross-attention is random.
@@ -132,42 +127,37 @@ def train(options: TrainOptions) -> dict:
     """Train, save the checkpoint (model, processor, tokenizer, training_log.json) to `options.output`."""
     from transformers import Trainer
 
-    from .families import SPECS
+    from .recipes import recipe
 
-    if options.family not in SPECS:
-        raise ValueError(f"Unknown family {options.family!r}; choose from {', '.join(SPECS)}")
+    recipe(options.family)  # an unknown family fails here, before any work
     torch.manual_seed(options.seed)
     model, processor = build_model_and_processor(options)
-    multi_image = SPECS[options.family].multi_image
-    trainable = apply_freezing(model, options.family, options.freeze)
+    multi_image = processor.max_images_per_prompt != 1
+    trainable = apply_freezing(model, options.freeze)
     if options.lora:
-        model = add_lora(model, options.family, options.lora_rank)
+        model = add_lora(model, options.lora_rank)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"{options.family}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train", flush=True)
 
     output = Path(options.output)
-    curve = HeldOutCurve(processor, options.family, options.batch_size, options.eval_every, options.eval_examples,
+    curve = HeldOutCurve(processor, options.batch_size, options.eval_every, options.eval_examples,
                          multi_image)  # fmt: skip
-    trainer_args = training_arguments(options, output)
-    scratch = None
-    if trainer_args.output_dir is None:  # nothing of the Trainer's own is kept: its files go to a scratch folder
-        scratch = tempfile.mkdtemp(prefix="vlm-patterns-trainer-")
-        trainer_args.output_dir = scratch
-    args = trainer_args
+    # Unless checkpoints are saved or resumed from, the Trainer's own files go to a scratch folder, removed after.
+    scratch = tempfile.mkdtemp(prefix="vlm-patterns-trainer-")
+    args = training_arguments(options, output, scratch)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=SyntheticStream(options.seed, multi_image),
-        data_collator=VQACollator(processor, options.family),
+        data_collator=VQACollator(processor),
         callbacks=[curve.callback],
     )
     started = time.time()
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     finally:
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.time() - started
     if not trainer.is_world_process_zero():
         return {}
@@ -214,11 +204,11 @@ def portable_adapter_config(folder: Path, base: str | None) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def training_arguments(options: TrainOptions, output: Path):
+def training_arguments(options: TrainOptions, output: Path, scratch: str | None = None):
     """`TrainingArguments` from the recipe, with any flag of `options.trainer_args` (transformers' own spelling,
     read by `HfArgumentParser`) on top. The recipe's own options (--steps, --learning-rate, ...) set the fields
     they name; the Trainer's files (checkpoints, logs) go to OUTPUT/trainer when checkpoints are saved or resumed
-    from, and to a scratch folder otherwise."""
+    from, and to `scratch` otherwise (transformers' own default would be ./trainer_output)."""
     from transformers import HfArgumentParser, TrainingArguments
 
     parser = HfArgumentParser(TrainingArguments)
@@ -245,6 +235,8 @@ def training_arguments(options: TrainOptions, output: Path):
     merged = {**recipe, **given}
     if merged["output_dir"] is None and (merged["save_strategy"] != "no" or merged.get("resume_from_checkpoint")):
         merged["output_dir"] = str(output / "trainer")
+    elif merged["output_dir"] is None:
+        merged["output_dir"] = scratch
     return TrainingArguments(**merged)
 
 
@@ -262,7 +254,7 @@ def strip_code(folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m vlm_patterns.training.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_arguments(parser)
     args, trainer_args = parser.parse_known_args(argv)

@@ -8,6 +8,7 @@ BOS/EOS/padding tokens, as its public tokenizer does.
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from .recipes import recipe
 from .synthetic_vqa import vocabulary
 
 SPECIAL_TOKENS = [
@@ -22,17 +23,10 @@ SPECIAL_TOKENS = [
 CHAT_WORDS = ["USER", "ASSISTANT", "User", "Assistant", "system", "user", "assistant", "You", "are", "a", "helpful",
               ":", "."]  # fmt: skip
 
-# Per family: (bos, eos, pad); None: no such token (Qwen2-VL adds no BOS).
-FAMILY_TOKENS = {
-    "llava": ("<s>", "</s>", "<pad>"),
-    "qwen2_vl": (None, "<|im_end|>", "<|endoftext|>"),
-    "fuyu": ("<s>", "|ENDOFTEXT|", "<pad>"),
-    "flamingo": ("<s>", "</s>", "<pad>"),
-}
-
 
 def build_vqa_tokenizer(family: str) -> PreTrainedTokenizerFast:
-    bos, eos, pad = FAMILY_TOKENS[family]
+    recipe_of_family = recipe(family)
+    bos, eos, pad = (recipe_of_family.TOKENS[k] for k in ("bos", "eos", "pad"))  # as the family's public tokenizer
     words = sorted(set(vocabulary()) | set(CHAT_WORDS))
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -40,7 +34,7 @@ def build_vqa_tokenizer(family: str) -> PreTrainedTokenizerFast:
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
     )
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces, punctuation attached
-    if bos is not None and family != "fuyu":  # Fuyu's processor places <s> itself
+    if bos is not None and not getattr(recipe_of_family, "PROCESSOR_PLACES_BOS", False):
         tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     special = dict(eos_token=eos, pad_token=pad, unk_token="<unk>") | ({"bos_token": bos} if bos else {})

@@ -36,28 +36,33 @@ class PatternPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
-        """transformers' `generate`, fitted to the context first: a request that would run past the language
-        model's positions stops at the last one (with a warning) instead of failing there and losing the tokens;
-        a prompt that fills the context already is refused before any work."""
-        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if prompt is not None and getattr(prompt, "dim", lambda: 0)() >= 2:
-            prompt_length, limit = prompt.shape[1], self.config.text_config.max_position_embeddings
-            if prompt_length >= limit:
-                raise ValueError(
-                    f"The prompt is {prompt_length} tokens; this model's context holds {limit}, so no token can be "
-                    "generated. Shorten the prompt (or the chat)"
-                )
-            config = generation_config if generation_config is not None else self.generation_config
-            new_tokens = kwargs.get("max_new_tokens") or config.max_new_tokens
-            if new_tokens is None:
-                new_tokens = (kwargs.get("max_length") or config.max_length) - prompt_length
-            if prompt_length + new_tokens > limit:
-                logger.warning(
-                    f"The prompt is {prompt_length} tokens and {new_tokens} new ones were asked for; this model's "
-                    f"context holds {limit}, so generation stops after {limit - prompt_length}."
-                )
-                kwargs["max_new_tokens"] = limit - prompt_length
+        """transformers' `generate`, fitted to the context first (`fit_to_context`)."""
+        self.fit_to_context(inputs, generation_config, kwargs)
         return super().generate(inputs, generation_config, **kwargs)
+
+    def fit_to_context(self, inputs, generation_config, kwargs: dict) -> None:
+        """A request that would run past the language model's positions stops at the last one (with a warning)
+        instead of failing there and losing the tokens; a prompt that fills the context already is refused
+        before any work. Adjusts `kwargs["max_new_tokens"]` in place."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if prompt is None or getattr(prompt, "dim", lambda: 0)() < 2:
+            return
+        prompt_length, limit = prompt.shape[1], self.config.text_config.max_position_embeddings
+        if prompt_length >= limit:
+            raise ValueError(
+                f"The prompt is {prompt_length} tokens; this model's context holds {limit}, so no token can be "
+                "generated. Shorten the prompt (or the chat)"
+            )
+        config = generation_config if generation_config is not None else self.generation_config
+        new_tokens = kwargs.get("max_new_tokens") or config.max_new_tokens
+        if new_tokens is None:
+            new_tokens = (kwargs.get("max_length") or config.max_length) - prompt_length
+        if prompt_length + new_tokens > limit:
+            logger.warning(
+                f"The prompt is {prompt_length} tokens and {new_tokens} new ones were asked for; this model's "
+                f"context holds {limit}, so generation stops after {limit - prompt_length}."
+            )
+            kwargs["max_new_tokens"] = limit - prompt_length
 
     def post_init(self):
         super().post_init()

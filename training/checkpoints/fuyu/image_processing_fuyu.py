@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .image_ops import MAX_IMAGE_PIXELS, flatten_images, load_image, resize, to_uint8_tensor
+from .image_ops import MAX_IMAGE_PIXELS, flatten_images, load_image, resample_name, resize, to_uint8_tensor
 
 
 def fit_within(height: int, width: int, max_height: int, max_width: int) -> tuple[tuple[int, int], float]:
@@ -55,7 +55,7 @@ class FuyuPatternImageProcessor(BaseImageProcessor):
         self.patch_size = patch_size["height"] if isinstance(patch_size, dict) else int(patch_size)
         if isinstance(patch_size, dict) and patch_size["height"] != patch_size["width"]:
             raise ValueError("Fuyu's patches are square")
-        self.resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(resample, resample)
+        self.resample = resample_name(resample)
         self.padding_value = padding_value
         self.do_rescale, self.rescale_factor, self.do_normalize = do_rescale, rescale_factor, do_normalize
         self.image_mean = image_mean if isinstance(image_mean, (int, float)) else list(image_mean)

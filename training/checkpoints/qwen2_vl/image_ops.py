@@ -243,6 +243,21 @@ PIL_FILTERS = {"nearest": PIL.Image.Resampling.NEAREST, "bilinear": PIL.Image.Re
                "bicubic": PIL.Image.Resampling.BICUBIC}  # fmt: skip
 
 
+def resample_name(resample: str | int) -> str:
+    """ "bicubic", "bilinear" or "nearest", from that name or PIL's integer code (what public configs store)."""
+    name = (
+        {int(f): n for n, f in PIL_FILTERS.items()}.get(resample, resample) if isinstance(resample, int) else resample
+    )
+    if name not in PIL_FILTERS:
+        raise ValueError(f"resample must be one of {sorted(PIL_FILTERS)} (or PIL's code), got {resample!r}")
+    return name
+
+
+def resample_code(name: str) -> int:
+    """PIL's integer code of a resampling filter name: what transformers' configs store."""
+    return int(PIL_FILTERS[name])
+
+
 def resize(
     images: torch.Tensor, size: tuple[int, int], resample: str = "bicubic", backend: str = "torch"
 ) -> torch.Tensor:

@@ -17,6 +17,7 @@ from .image_ops import (
     OPENAI_CLIP_STD,
     flatten_images,
     load_image,
+    resample_name,
     resize,
     to_uint8_tensor,
 )
@@ -95,7 +96,7 @@ class Qwen2VLPatternImageProcessor(BaseImageProcessor):
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
-        self.resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(resample, resample)
+        self.resample = resample_name(resample)
         self.do_rescale, self.rescale_factor, self.do_normalize = do_rescale, rescale_factor, do_normalize
         self.image_mean = list(image_mean) if image_mean is not None else list(OPENAI_CLIP_MEAN)
         self.image_std = list(image_std) if image_std is not None else list(OPENAI_CLIP_STD)

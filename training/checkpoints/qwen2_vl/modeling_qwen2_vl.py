@@ -8,14 +8,15 @@ pixels at ~native size -> patches (N, 1176) -> ViT with 2D RoPE -> 2x2 PatchMerg
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .conditional_generation import PatternForConditionalGeneration
 from .configuration_qwen2_vl import Qwen2VLPatternConfig
-from .input_checks import check_attention_mask, check_grid, check_input_ids, check_pixel_values
+from .input_checks import check_attention_mask, check_grid, check_pixel_values
+from .pattern_model import PatternModel
 from .pattern_pretrained import PatternPreTrainedModel
+from .placeholders import scatter_placeholders
 from .qwen2_vl_vision import Qwen2VLVisionTower
 from .text_decoder import TextDecoder
 
@@ -95,15 +96,8 @@ def get_rope_index(
     return positions, deltas
 
 
-def scatter_features(inputs_embeds, mask, features, what: str) -> torch.Tensor:
-    """Write `features` (n, D), in order, over the `mask` (B, T) positions of `inputs_embeds` (B, T, D)."""
-    if int(mask.sum()) != features.shape[0]:
-        raise ValueError(
-            f"The prompt has {int(mask.sum())} {what} placeholder tokens but the {what}s give {features.shape[0]} "
-            f"features; let the processor expand each <|vision_start|><|{what}_pad|><|vision_end|>"
-        )
-    features = features.to(inputs_embeds.device, inputs_embeds.dtype)
-    return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), features)
+def expansion_hint(what: str) -> str:
+    return f"let the processor expand each <|vision_start|><|{what}_pad|><|vision_end|>"
 
 
 @dataclass
@@ -129,29 +123,21 @@ class Qwen2VLPatternPreTrainedModel(PatternPreTrainedModel):
     }
 
 
-class Qwen2VLPatternModel(Qwen2VLPatternPreTrainedModel):
+class Qwen2VLPatternModel(PatternModel, Qwen2VLPatternPreTrainedModel):
     def __init__(self, config: Qwen2VLPatternConfig):
         super().__init__(config)
         self.visual = Qwen2VLVisionTower(config.vision_config)
         self.language_model = TextDecoder(config.text_config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.language_model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding):
-        self.language_model.embed_tokens = value
-
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """Patches (N, 1176) and their grids (I, 3) -> merged tokens (N / 4, D), images in order."""
         return self.visual(pixel_values, image_grid_thw)
 
     def placeholder_masks(self, input_ids, inputs_embeds) -> tuple[torch.Tensor, torch.Tensor]:
-        if input_ids is not None:
-            return input_ids == self.config.image_token_id, input_ids == self.config.video_token_id
-        tokens = torch.tensor([self.config.image_token_id, self.config.video_token_id], device=inputs_embeds.device)
-        image_row, video_row = self.get_input_embeddings()(tokens)  # called, not indexed: see VisionEmbeddings
-        return (inputs_embeds == image_row).all(-1), (inputs_embeds == video_row).all(-1)
+        """Where the image and the video placeholders are, each (B, T) bool."""
+        image_id, video_id = self.config.image_token_id, self.config.video_token_id
+        return tuple(self.placeholder_mask(input_ids, inputs_embeds, token_id) for token_id in (image_id, video_id))
 
     def forward(
         self,
@@ -173,14 +159,9 @@ class Qwen2VLPatternModel(Qwen2VLPatternPreTrainedModel):
     ) -> Qwen2VLPatternModelOutput:
         """`mm_token_type_ids` (what transformers' Qwen2-VL processor returns) is accepted and not needed: the
         placeholder tokens themselves say where images and videos are."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None:
-            check_input_ids(input_ids, self.config.text_config.vocab_size)
-        cache = cache if cache is not None else past_key_values
-        use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+        inputs_embeds, cache, use_cache = self.start_forward(
+            input_ids, inputs_embeds, cache, past_key_values, use_cache
+        )
         image_mask, video_mask = self.placeholder_masks(input_ids, inputs_embeds)
         past = cache.get_seq_length() if cache is not None else 0
         check_attention_mask(attention_mask, *inputs_embeds.shape[:2], past)  # before M-RoPE reads it
@@ -190,16 +171,15 @@ class Qwen2VLPatternModel(Qwen2VLPatternPreTrainedModel):
                 raise ValueError("pixel_values need image_grid_thw (the processor returns both)")
             check_pixel_values(pixel_values)
             check_grid(image_grid_thw, pixel_values, self.config.vision_config.spatial_merge_size)
-            inputs_embeds = scatter_features(
-                inputs_embeds, image_mask, self.visual(pixel_values, image_grid_thw), "image"
-            )
+            features = self.visual(pixel_values, image_grid_thw)  # (N / 4, D)
+            inputs_embeds = scatter_placeholders(inputs_embeds, image_mask, features, expansion_hint("image"))
         if pixel_values_videos is not None:
             if video_grid_thw is None:
                 raise ValueError("pixel_values_videos need video_grid_thw (the processor returns both)")
             check_pixel_values(pixel_values_videos, "pixel_values_videos")
             check_grid(video_grid_thw, pixel_values_videos, self.config.vision_config.spatial_merge_size, "video")
             features = self.visual(pixel_values_videos, video_grid_thw)
-            inputs_embeds = scatter_features(inputs_embeds, video_mask, features, "video")
+            inputs_embeds = scatter_placeholders(inputs_embeds, video_mask, features, expansion_hint("video"))
         if past == 0 and pixel_values is None and pixel_values_videos is None and bool((image_mask | video_mask).any()):
             raise ValueError("The prompt has image or video placeholder tokens but no pixel values were given")
 
@@ -208,18 +188,17 @@ class Qwen2VLPatternModel(Qwen2VLPatternPreTrainedModel):
                 image_mask, video_mask, image_grid_thw, video_grid_thw, attention_mask, past, rope_deltas
             )
 
-        hidden_states, cache, all_hidden_states = self.language_model(
-            inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            output_hidden_states=bool(output_hidden_states),
-            **kwargs,
+        hidden_states, cache, all_hidden_states = self.run_language_model(
+            inputs_embeds, attention_mask, position_ids, cache, use_cache, output_hidden_states, **kwargs
         )
         return Qwen2VLPatternModelOutput(
             last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states, rope_deltas=rope_deltas
         )
+
+    def next_positions(self, prefill, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """M-RoPE after the prompt: text positions continue from the prompt's offset (`rope_deltas`), equal on all
+        three axes, so plain 1D positions serve the decode steps."""
+        return super().next_positions(prefill, attention_mask) + prefill.rope_deltas.view(-1).to(torch.long)
 
     def positions(self, image_mask, video_mask, image_grid_thw, video_grid_thw, attention_mask, past, rope_deltas):
         """M-RoPE positions for this call when none were given: from the grids for a fresh prompt, or continued
@@ -249,85 +228,15 @@ class Qwen2VLPatternModel(Qwen2VLPatternPreTrainedModel):
         return (text + rope_deltas.to(text.device)).unsqueeze(0).expand(3, -1, -1), rope_deltas
 
 
-class Qwen2VLPatternForConditionalGeneration(Qwen2VLPatternPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+class Qwen2VLPatternForConditionalGeneration(PatternForConditionalGeneration, Qwen2VLPatternPreTrainedModel):
+    base_model_class = Qwen2VLPatternModel
+    output_class = Qwen2VLPatternCausalLMOutput
+    vision_encoder_prefixes = ("model.visual.patch_embed.", "model.visual.blocks.")
+    connector_prefixes = ("model.visual.merger.",)
 
-    def __init__(self, config: Qwen2VLPatternConfig):
-        super().__init__(config)
-        self.model = Qwen2VLPatternModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear):
-        self.lm_head = value
-
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values, image_grid_thw)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.LongTensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        rope_deltas: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
-        mm_token_type_ids: torch.Tensor | None = None,
-        **kwargs,
-    ) -> Qwen2VLPatternCausalLMOutput:
-        """`labels` (B, T): next-token targets; image/video placeholders and -100 are ignored by the loss."""
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            pixel_values_videos=pixel_values_videos,
-            video_grid_thw=video_grid_thw,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            rope_deltas=rope_deltas,
-            cache=cache if cache is not None else past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None:
-            image_mask, video_mask = self.model.placeholder_masks(input_ids, inputs_embeds)
-            labels = labels.masked_fill((image_mask | video_mask).to(labels.device), -100)
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return Qwen2VLPatternCausalLMOutput(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            rope_deltas=outputs.rope_deltas,
-        )
+    def positions_without_targets(self, input_ids, inputs_embeds, labels) -> torch.Tensor:
+        image_mask, video_mask = self.model.placeholder_masks(input_ids, inputs_embeds)
+        return image_mask | video_mask  # the model never predicts an image or video feature
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         """M-RoPE positions of the whole prompt, computed once; generate() then extends every axis by one per

@@ -1,43 +1,18 @@
-"""The `vlm-patterns` command line: convert, export, verify, generate, tiny, demo, train, evaluate, compare."""
+"""The `vlm-patterns` command line: convert, export, verify, generate, tiny, demo, train, evaluate, compare, space.
+
+Which families and source layouts exist comes from the registry (families.py); each command imports what it
+needs when it runs, so `vlm-patterns --help` answers without torch.
+"""
 
 import argparse
-import importlib
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
+from .families import FAMILIES, SOURCE_LAYOUTS
 
-class LazyFunctions(Mapping):
-    """name -> function, imported on first use: `vlm-patterns --help` should not wait for torch and every converter."""
-
-    def __init__(self, paths: dict[str, str]):
-        self.paths = paths  # name -> "module:function", the module relative to this package
-
-    def __getitem__(self, name: str):
-        module, function = self.paths[name].split(":")
-        return getattr(importlib.import_module(f".{module}", __package__), function)
-
-    def __iter__(self):
-        return iter(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
+EXPORTABLE = sorted(name for name, (_, layout) in SOURCE_LAYOUTS.items() if layout.exporter)
 
 
-# Source layouts that convert; IDEFICS and OpenFlamingo both become the Flamingo pattern.
-CONVERTERS = LazyFunctions({
-    "llava": "llava:convert_llava",
-    "qwen2_vl": "qwen2_vl:convert_qwen2_vl",
-    "fuyu": "fuyu:convert_fuyu",
-    "idefics": "idefics:convert_idefics",
-    "openflamingo": "openflamingo:convert_openflamingo",
-})  # fmt: skip
-EXPORTERS = LazyFunctions({
-    "llava": "llava:export_llava",
-    "qwen2_vl": "qwen2_vl:export_qwen2_vl",
-    "fuyu": "fuyu:export_fuyu",
-    "idefics": "idefics:export_idefics",
-})  # fmt: skip
 DTYPES = ("bfloat16", "float16", "float32")  # torch dtype names
 
 
@@ -67,8 +42,7 @@ def shard_size(text: str) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .verify import verify
-
+    _, layout = SOURCE_LAYOUTS[args.family]
     kwargs = dict(dtype=torch_dtype(args.dtype), overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
     if args.vision_tower:
         if args.family != "llava":
@@ -80,70 +54,51 @@ def cmd_convert(args) -> int:
         kwargs.update(vision=args.vision, language=args.language, tokenizer=args.tokenizer)
     elif args.vision or args.language or args.tokenizer:
         raise ValueError("--vision, --language and --tokenizer are for openflamingo only")
-    output = CONVERTERS[args.family](args.source, args.output, **kwargs)
+    output = layout.convert(args.source, args.output, **kwargs)
     print(f"Converted {args.source} -> {output}")
     if args.verify:
-        report = verify(
-            args.family, args.source, output, device=args.device, vision_tower=args.vision_tower,
-            vision=args.vision, language=args.language,
-        )  # fmt: skip
+        report = layout.verify(args.source, output, device=args.device, **source_options(args))
         print(report.summary())
         if not report.passed:
             return 1
     if args.push_to_hub:
-        from .hub import push_folder
+        from .publishing import push_folder
 
-        url = push_folder(output, args.push_to_hub, args.family, source=str(args.source), private=args.private)
+        url = push_folder(output, args.push_to_hub, layout.name, source=str(args.source), private=args.private)
         print(f"Pushed to {url}")
     return 0
 
 
 def cmd_export(args) -> int:
-    output = EXPORTERS[args.family](args.ours, args.output, overwrite=args.overwrite)
+    output = SOURCE_LAYOUTS[args.family][1].export(args.ours, args.output, overwrite=args.overwrite)
     print(f"Exported {args.ours} -> {output} (transformers' layout)")
     return 0
 
 
-def cmd_verify(args) -> int:
-    from .verify import verify
+def source_options(args) -> dict:
+    """The extra sources a layout's verification reads (the original LLaVA's CLIP tower; OpenFlamingo's bases)."""
+    if args.family == "openflamingo":
+        return dict(vision=args.vision, language=args.language)
+    return dict(vision_tower=args.vision_tower) if args.vision_tower else {}
 
-    report = verify(
-        args.family,
-        args.source,
-        args.converted,
-        device=args.device,
-        dtype=torch_dtype(args.dtype),
-        vision_tower=args.vision_tower,
-        vision=args.vision,
-        language=args.language,
+
+def cmd_verify(args) -> int:
+    layout = SOURCE_LAYOUTS[args.family][1]
+    report = layout.verify(
+        args.source, args.converted, device=args.device, dtype=torch_dtype(args.dtype), **source_options(args)
     )
     print(report.summary())
     return 0 if report.passed else 1
 
 
 def cmd_generate(args) -> int:
-    from .generate import main
+    from .inference import main
 
     return main(args)
 
 
 def cmd_tiny(args) -> int:
-    from .tiny import (
-        build_tiny_fuyu,
-        build_tiny_idefics,
-        build_tiny_llava_hf,
-        build_tiny_open_flamingo,
-        build_tiny_qwen2_vl,
-    )
-
-    builders = {
-        "llava": build_tiny_llava_hf,
-        "qwen2_vl": build_tiny_qwen2_vl,
-        "fuyu": build_tiny_fuyu,
-        "idefics": build_tiny_idefics,
-        "openflamingo": build_tiny_open_flamingo,
-    }
-    builders[args.family](args.output, seed=args.seed)
+    SOURCE_LAYOUTS[args.family][1].build_tiny(args.output, seed=args.seed)
     what = "checkpoint.pt, clip/ and llama/" if args.family == "openflamingo" else "a checkpoint"
     print(f"Wrote a tiny random {args.family} ({what}) in the public layout to {args.output}")
     return 0
@@ -151,19 +106,20 @@ def cmd_tiny(args) -> int:
 
 def cmd_demo(args) -> int:
     """Build a tiny public-layout LLaVA, convert it with parity verification, and answer a prompt with it."""
-    from .generate import generate, load
-    from .tiny import build_tiny_llava_hf, example_image
-    from .verify import verify_llava
+    from .conversion.tiny import example_image
+    from .inference import generate, load
+
+    layout = FAMILIES["llava"].layout("llava")
 
     workdir = Path(args.workdir)
     source, converted = workdir / "llava-hf-tiny", workdir / "llava-tiny"
     if not source.exists():
-        build_tiny_llava_hf(source)
+        layout.build_tiny(source)
         print(f"1. built a tiny random LLaVA in the llava-hf layout: {source}")
     if not converted.exists():
-        CONVERTERS["llava"](source, converted)
+        layout.convert(source, converted)
         print(f"2. converted it to ours: {converted}")
-    report = verify_llava(source, converted)
+    report = layout.verify(source, converted)
     print("3. parity with transformers' LlavaForConditionalGeneration:\n" + report.summary())
     image_path = workdir / "example.png"
     example_image(320, 240, seed=1).save(image_path)
@@ -177,8 +133,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from training.options import options_from
-    from training.train import train
+    from .training.options import options_from
+    from .training.train import train
 
     log = train(options_from(args, args.trainer_args))
     if log and log["held_out_curve"]:
@@ -189,7 +145,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from training.evaluate import evaluate
+    from .training.evaluate import evaluate
 
     result = evaluate(args.checkpoint, num_examples=args.examples, seed=args.seed, batch_size=args.batch_size)
     print(result.markdown())
@@ -202,9 +158,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from training.evaluate import compare
-
-    from .readme_sections import write_readme_section
+    from .publishing import write_readme_section
+    from .training.evaluate import compare
 
     table = compare(args.checkpoints, args.output, num_examples=args.examples, seed=args.seed)
     print(table)
@@ -215,7 +170,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_space(args) -> int:
-    from .hub import assemble_space
+    from .publishing import assemble_space
 
     print(f"Space folder written to {assemble_space(args.output)}")
     return 0
@@ -233,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a public checkpoint (Hub id or folder) into ours")
-    p.add_argument("family", choices=sorted(CONVERTERS))
+    p.add_argument("family", choices=sorted(SOURCE_LAYOUTS), metavar="LAYOUT",
+                   help=f"the source's layout: {', '.join(sorted(SOURCE_LAYOUTS))}")  # fmt: skip
     p.add_argument(
         "source", help="Hub repository id or local folder in the public layout (openflamingo: checkpoint.pt)"
     )
@@ -254,14 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="write our checkpoint in transformers' own layout (for vLLM, SGLang, ...)")
-    p.add_argument("family", choices=sorted(EXPORTERS))
+    p.add_argument("family", choices=EXPORTABLE, metavar="LAYOUT", help=f"the layout to write: {', '.join(EXPORTABLE)}")
     p.add_argument("ours", help="a checkpoint folder of ours (what convert wrote)")
     p.add_argument("output", help="folder to create, in the public layout")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="parity of a converted checkpoint with transformers' reference")
-    p.add_argument("family", choices=sorted(CONVERTERS))
+    p.add_argument("family", choices=sorted(SOURCE_LAYOUTS), metavar="LAYOUT",
+                   help=f"the layout: {', '.join(sorted(SOURCE_LAYOUTS))}")  # fmt: skip
     p.add_argument("source", help="the public checkpoint it was converted from (Hub id or folder)")
     p.add_argument("converted", help="the converted folder")
     p.add_argument("--device", default="cpu", help="where both models run: cpu, cuda, cuda:1 (default: %(default)s)")
@@ -285,15 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' precision; auto keeps the checkpoint's (default: %(default)s)")  # fmt: skip
     p.add_argument("--raw-prompt", action="store_true", help="use the prompt as is, without the chat template")
     p.add_argument("--trust-remote-code", action="store_true", help="load the model code from the checkpoint")
+    p.add_argument("--decode", choices=["static", "transformers"], default="static",
+                   help="the static decode path (same greedy tokens, less overhead per step, a CUDA graph on GPUs) "
+                   "or transformers' own generate loop (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tiny", help="write a tiny random checkpoint in a public layout (for tests and demos)")
-    p.add_argument("family", choices=sorted(CONVERTERS))
+    p.add_argument("family", choices=sorted(SOURCE_LAYOUTS), metavar="LAYOUT",
+                   help=f"the layout: {', '.join(sorted(SOURCE_LAYOUTS))}")  # fmt: skip
     p.add_argument("output", help="folder to create")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.set_defaults(func=cmd_tiny)
 
-    from training.options import add_arguments
+    from .training.options import add_arguments
 
     p = sub.add_parser("train", help="train a family on the synthetic visual QA task (from scratch, or --from)")
     add_arguments(p)

@@ -1,36 +1,13 @@
-"""Publishing a converted folder: a model card built with huggingface_hub's `ModelCard`, then one upload of the
-model and processor files."""
+"""Publishing: a converted folder's model card (huggingface_hub's `ModelCard`) and its upload, the Space folder,
+and the README's generated sections."""
 
 import os
 import re
 from pathlib import Path
 
-from .checkpoint_io import OUTPUT_MARKER, read_json
+from .conversion.checkpoint_io import OUTPUT_MARKER, read_json
+from .families import SOURCE_LAYOUTS, licence_of
 
-# The pattern sentence of each converter's output, keyed by the source layout (IDEFICS and OpenFlamingo both
-# become the Flamingo pattern).
-PATTERNS = {
-    "llava": "projection: CLIP ViT features, projected by an MLP, replace the `<image>` placeholder embeddings of "
-    "the language model",
-    "qwen2_vl": "projection at native resolution: a ViT reads each image at its own size (2D RoPE, 2x2 PatchMerger) "
-    "and feeds a language model with multimodal RoPE",
-    "fuyu": "early fusion: raw image patches pass one Linear layer into the decoder's token stream, no vision encoder",
-    "idefics": "cross-attention (Flamingo): a Perceiver Resampler turns each image into a fixed set of latents that "
-    "the language model reads through tanh-gated cross-attention layers (IDEFICS weights)",
-    "openflamingo": "cross-attention (Flamingo): a Perceiver Resampler turns each image into a fixed set of latents "
-    "that the language model reads through tanh-gated cross-attention layers (OpenFlamingo weights)",
-}
-# Licenses of the public checkpoints the converters are made for; other sources get "other" (see the source).
-LICENSES = {
-    "llava-hf/llava-1.5-7b-hf": "llama2",
-    "liuhaotian/llava-v1.5-7b": "llama2",
-    "llava-hf/llava-interleave-qwen-0.5b-hf": "other",
-    "Qwen/Qwen2-VL-2B-Instruct": "apache-2.0",
-    "Qwen/Qwen2-VL-7B-Instruct": "apache-2.0",
-    "adept/fuyu-8b": "cc-by-nc-4.0",
-    "HuggingFaceM4/idefics-9b": "other",
-    "HuggingFaceM4/idefics-9b-instruct": "other",
-}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 USAGE = """```python
@@ -53,6 +30,13 @@ def is_hub_id(source: str | None) -> bool:
     return bool(source) and not os.path.exists(source) and bool(_HUB_ID.match(source))
 
 
+def pattern_sentence(layout: str) -> str:
+    """What a converted checkpoint of this source layout is, in one sentence."""
+    family, source_layout = SOURCE_LAYOUTS[layout]
+    weights = f" ({source_layout.weights} weights)" if source_layout.weights else ""
+    return f"The {family.pattern} ({family.title}) pattern: {family.idea}{weights}."
+
+
 def model_card(folder: str | Path, repo_id: str, family: str, source: str | None = None):
     """The card of a converted folder (a `huggingface_hub.ModelCard`): metadata (license, base model when the
     source is on the Hub, pipeline, tags), the pattern in one sentence, provenance, a usage snippet that runs as
@@ -65,7 +49,7 @@ def model_card(folder: str | Path, repo_id: str, family: str, source: str | None
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
-        license=LICENSES.get(source, "other") if on_hub else "other",
+        license=licence_of(source) if on_hub else "other",
         base_model=source if on_hub else None,
         tags=["vlm-patterns", family, "custom_code"],
     )
@@ -86,7 +70,7 @@ def model_card(folder: str | Path, repo_id: str, family: str, source: str | None
         [
             f"---\n{data.to_yaml()}\n---",
             f"# {repo_id.split('/')[-1]}",
-            f"The {PATTERNS.get(family, family)}. This checkpoint is the vlm-patterns implementation of that "
+            f"{pattern_sentence(family)} This checkpoint is the vlm-patterns implementation of that "
             "pattern, loaded with `trust_remote_code=True`.",
             provenance,
             USAGE.format(repo_id=repo_id),
@@ -122,21 +106,44 @@ def push_folder(folder: str | Path, repo_id: str, family: str, source: str | Non
     return str(url)
 
 
-SPACE_PACKAGES = ("modeling", "processing", "conversion", "training")
-
-
 def assemble_space(output: str | Path) -> Path:
-    """A self-contained Hugging Face Space folder: spaces/ (app.py, README.md front matter, requirements.txt,
-    examples) plus the project's packages and the trained checkpoints beside it, ready for
-    `hf upload you/vlm-patterns OUTPUT --repo-type space`."""
+    """A self-contained Hugging Face Space folder: the Space's README.md (front matter) and requirements.txt, an
+    app.py that starts the Space, and this package (`vlm_patterns/`, with the shipped checkpoints and the Space's
+    examples) beside it, ready for `hf upload you/vlm-patterns OUTPUT --repo-type space`."""
     import shutil
 
-    project = Path(__file__).resolve().parents[1]
+    import vlm_patterns
+
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} exists and is not empty")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(project / "spaces", output, ignore=ignore, dirs_exist_ok=True)
-    for package in SPACE_PACKAGES:
-        shutil.copytree(project / package, output / package, ignore=ignore)
+    output.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    package = output / "vlm_patterns"
+    for folder in vlm_patterns.__path__:  # installed: one folder; in a clone: vlm_patterns/ and the repository root
+        root = Path(folder)
+        if root.name == "vlm_patterns":
+            shutil.copytree(root, package, ignore=ignore, dirs_exist_ok=True)
+        else:
+            for name in ("modeling", "processing", "conversion", "training", "spaces"):
+                shutil.copytree(root / name, package / name, ignore=ignore, dirs_exist_ok=True)
+    for name in ("README.md", "requirements.txt"):
+        shutil.copy2(package / "spaces" / name, output / name)
+    (output / "app.py").write_text(
+        '"""The vlm-patterns Space (the app itself: vlm_patterns/spaces/app.py)."""\n\n'
+        "from vlm_patterns.spaces.app import main\n\nraise SystemExit(main())\n"
+    )
     return output
+
+
+def write_readme_section(readme: str | Path, name: str, content: str) -> None:
+    """Replace the text between `<!-- NAME:start -->` and `<!-- NAME:end -->` in a README: the generated sections
+    (benchmarks, `vlm-patterns compare --readme`) come from commands that measure, never from hand edits."""
+    readme = Path(readme)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = readme.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} section to fill")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    readme.write_text(f"{before}{start}\n{content}\n{end}{after}", encoding="utf-8")

@@ -1,0 +1,182 @@
+"""The static decode path (`generate(..., static_decode=True)`) gives transformers' greedy tokens for every family:
+batch 1 and left-padded batches, with and without images, on checkpoints converted from the public layouts and on
+the shipped ones; its sampling filters are transformers'; its buffers are reused by shape."""
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TextIteratorStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from vlm_patterns.conversion.tiny import photo_like_image
+from vlm_patterns.inference import NOT_MODEL_INPUTS, build_inputs
+from vlm_patterns.modeling.static_generation import DecoderPool, Sampling, bucket_length
+
+GREEDY = dict(max_new_tokens=12, do_sample=False)
+
+
+def converted(request, family: str):
+    fixture = {"llava": "llava_pair", "qwen2_vl": "qwen2_vl_pair", "fuyu": "fuyu_pair", "flamingo": "idefics_pair"}
+    _, folder = request.getfixturevalue(fixture[family])()
+    return AutoModelForImageTextToText.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+
+
+def model_inputs(processor, images, prompt) -> dict:
+    return {k: v for k, v in dict(build_inputs(processor, images, prompt)).items() if k not in NOT_MODEL_INPUTS}
+
+
+def same_tokens(model, inputs, **options) -> torch.Tensor:
+    with torch.inference_mode():
+        expected = model.generate(**inputs, **options)
+        ours = model.generate(**inputs, **options, static_decode=True)
+    assert torch.equal(expected, ours), (expected.tolist(), ours.tolist())
+    return ours
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "fuyu", "flamingo"])
+def test_greedy_tokens_match_generate_on_converted_checkpoints(request, family):
+    model, processor = converted(request, family)
+    image = photo_like_image(72, 56, seed=3)
+    with_image = same_tokens(model, model_inputs(processor, [image], "Describe the picture."), **GREEDY)
+    assert with_image.shape[1] > model_inputs(processor, [image], "Describe the picture.")["input_ids"].shape[1]
+    same_tokens(model, model_inputs(processor, [], "Say something."), **GREEDY)
+    # Exactly N tokens (EOS held back), the longer loop a benchmark runs.
+    same_tokens(model, model_inputs(processor, [image], "Describe."), max_new_tokens=20, min_new_tokens=20)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "fuyu", "flamingo"])
+def test_greedy_tokens_match_generate_on_left_padded_batches(request, family):
+    model, processor = converted(request, family)
+    questions = ["What is it?", "Where is the red thing in this picture, and what is beside it?"]
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in questions
+    ]
+    images = [photo_like_image(64, 48, seed=5), photo_like_image(40, 80, seed=6)]
+    batch_images = images if family == "fuyu" else [[image] for image in images]
+    inputs = dict(processor(images=batch_images, text=prompts, padding_side="left"))
+    inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
+    assert (inputs["attention_mask"] == 0).any(), "the batch must be padded"
+    same_tokens(model, inputs, **GREEDY)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "fuyu", "flamingo"])
+def test_shipped_checkpoints_answer_the_same_through_both_paths(shipped, family):
+    from vlm_patterns.training.synthetic_vqa import held_out_seed, make_example
+
+    model, processor = shipped[family]
+    for index in range(3):
+        example = make_example(held_out_seed(index), kinds=("color", "shape", "position", "count"))
+        same_tokens(model, model_inputs(processor, example.images[:1], example.question), max_new_tokens=8)
+
+
+def test_llava_static_tokens_match_transformers_own_class(llava_pair):
+    from transformers import LlavaForConditionalGeneration
+
+    source, folder = llava_pair()
+    reference = LlavaForConditionalGeneration.from_pretrained(source).eval()
+    ours = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = model_inputs(AutoProcessor.from_pretrained(folder), [photo_like_image(50, 70, seed=8)], "Describe.")
+    with torch.inference_mode():
+        assert torch.equal(
+            reference.generate(**inputs, **GREEDY), ours.generate(**inputs, **GREEDY, static_decode=True)
+        )
+
+
+def test_the_filters_are_transformers_own():
+    """Repetition penalty, temperature, top-k and top-p leave the same tokens with the same scores."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    history = torch.randint(0, 50, (3, 7))
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, history, True)
+    for temperature, top_k, top_p, penalty in [(0.7, 10, 0.9, 1.3), (1.5, None, 0.5, None), (1.0, 3, None, 0.8)]:
+        processors = LogitsProcessorList()
+        if penalty is not None:
+            processors.append(RepetitionPenaltyLogitsProcessor(penalty))
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_k is not None:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p is not None:
+            processors.append(TopPLogitsWarper(top_p))
+        expected = processors(history, logits.clone())
+        ours = Sampling(True, temperature, top_k, top_p, penalty).scores(logits.clone(), seen)
+        assert torch.equal(torch.isinf(expected), torch.isinf(ours))
+        finite = ~torch.isinf(expected)
+        assert torch.allclose(expected[finite], ours[finite])
+
+
+def test_sampling_is_seeded_and_follows_the_filtered_distribution():
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    sampling = Sampling(True, 1.0, None, 0.8, None)  # top-p 0.8 keeps the first two tokens only
+    filtered = sampling.scores(scores, None)
+    draws = torch.stack([sampling.choose(filtered, torch.Generator().manual_seed(s)) for s in range(2000)])
+    assert set(draws.unique().tolist()) == {0, 1}
+    share = (draws == 0).float().mean().item()
+    assert abs(share - 0.5 / 0.8) < 0.05, share
+    first = [sampling.choose(filtered, torch.Generator().manual_seed(7)).item() for _ in range(5)]
+    assert len(set(first)) == 1
+
+
+def test_seeded_sampling_repeats_and_streams(shipped):
+    model, processor = shipped["llava"]
+    inputs = model_inputs(processor, [photo_like_image(60, 60, seed=2)], "What color is the circle?")
+    options = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=20, static_decode=True)
+    with torch.inference_mode():
+        one = model.generate(**inputs, **options, generator=torch.Generator().manual_seed(3))
+        two = model.generate(**inputs, **options, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(one, two)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        tokens = model.generate(**inputs, max_new_tokens=10, static_decode=True, streamer=streamer)
+    streamed = "".join(streamer)
+    prompt_length = inputs["input_ids"].shape[1]
+    assert streamed == processor.tokenizer.decode(tokens[0, prompt_length:], skip_special_tokens=True)
+
+
+def test_stop_strings_stop_where_generate_stops(request):
+    model, processor = converted(request, "qwen2_vl")  # a byte-level BPE vocabulary, as real checkpoints have
+    inputs = model_inputs(processor, [photo_like_image(60, 60, seed=2)], "What color is the circle?")
+    with torch.inference_mode():
+        free = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, static_decode=True)
+    text = processor.tokenizer.decode(free[0, inputs["input_ids"].shape[1] :])
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # a string that occurs mid-answer
+    options = dict(max_new_tokens=8, min_new_tokens=8, stop_strings=[stop], tokenizer=processor.tokenizer)
+    stopped = same_tokens(model, inputs, **options)
+    assert stopped.shape[1] < free.shape[1], (text, stop)
+
+
+def test_what_the_path_does_not_implement_is_refused_by_name(shipped):
+    model, processor = shipped["llava"]
+    inputs = model_inputs(processor, [], "Hello")
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(**inputs, max_new_tokens=4, num_beams=2, static_decode=True)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        model.generate(**inputs, max_new_tokens=4, no_repeat_ngram_size=2, static_decode=True)
+
+
+def test_buffers_are_reused_by_shape_and_lengths_bucket_on_cuda():
+    assert bucket_length(100, 4096, on_cuda=False) == 100
+    assert bucket_length(100, 4096, on_cuda=True) == 256
+    assert bucket_length(300, 4096, on_cuda=True) == 512
+    assert bucket_length(3000, 2048, on_cuda=True) == 3000  # past the context: the caller has refused it already
+    assert bucket_length(1500, 2048, on_cuda=True) == 2048
+
+
+def test_a_decoder_is_lent_to_one_request_at_a_time(shipped):
+    model, _ = shipped["fuyu"]
+    pool = DecoderPool(keep=2)
+    first = pool.acquire(model, 1, 64, use_graph=False)
+    second = pool.acquire(model, 1, 64, use_graph=False)
+    assert first is not second  # both busy: each request has its own buffers
+    pool.release(first)
+    assert pool.acquire(model, 1, 64, use_graph=False) is first  # idle again: reused, not reallocated
+    assert pool.acquire(model, 2, 64, use_graph=False) is not first

@@ -1,0 +1,27 @@
+"""LLaVA at training-from-scratch size: a fixed 64 x 64 input, 64 patch tokens projected into the LM."""
+
+from vlm_patterns.modeling import LlavaPatternConfig
+from vlm_patterns.processing import LlavaPatternImageProcessor, LlavaPatternProcessor
+
+from . import VISION, text_config
+
+TOKENS = dict(bos="<s>", eos="</s>", pad="<pad>")
+
+
+def config(tokenizer) -> LlavaPatternConfig:
+    return LlavaPatternConfig(
+        vision_config=VISION, text_config=text_config(tokenizer), vision_feature_layer=-1,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def processor(tokenizer) -> LlavaPatternProcessor:
+    side = VISION["image_size"]
+    # Pad to a square first (LLaVA-1.5's way), so no shape is cropped away; then one fixed 64 x 64 input.
+    image_processor = LlavaPatternImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}, do_pad=True
+    )
+    return LlavaPatternProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=VISION["patch_size"],
+        vision_feature_select_strategy="default",
+    )  # fmt: skip
