@@ -12,6 +12,8 @@ from vlm_patterns.modeling import FlamingoPatternForConditionalGeneration
 from vlm_patterns.processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
 
 # IDEFICS shapes: `cpu` fits a 2-core machine; `idefics-9b` is the published model (random weights).
+# The published shape benchmarks/gpu.sh measures.
+GPU_PRESET = "idefics-9b"
 PRESETS = {
     "cpu": dict(
         text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,

@@ -14,6 +14,8 @@ from vlm_patterns.conversion.tiny import build_fuyu_tokenizer, photo_like_image
 from vlm_patterns.modeling import FuyuPatternForConditionalGeneration
 from vlm_patterns.processing import FuyuPatternImageProcessor, FuyuPatternProcessor
 
+# The published shape benchmarks/gpu.sh measures.
+GPU_PRESET = "fuyu-8b"
 PRESETS = {
     "cpu": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, vocab_size=32000),
     "fuyu-8b": dict(

@@ -13,11 +13,11 @@ DTYPE=${DTYPE:-bfloat16}
 NEW_TOKENS=${NEW_TOKENS:-64}
 REPEATS=${REPEATS:-3}
 mkdir -p "$OUT"
-declare -A PRESETS=([llava]=llava-1.5-7b [qwen2_vl]=qwen2-vl-2b [fuyu]=fuyu-8b [flamingo]=idefics-9b)
 FAMILIES=("$@")
-[ ${#FAMILIES[@]} -eq 0 ] && FAMILIES=(llava qwen2_vl fuyu flamingo)
+# The families come from the registry, each one's published shape from its benchmark module (GPU_PRESET).
+[ ${#FAMILIES[@]} -eq 0 ] && read -r -a FAMILIES <<< "$(python -c 'from vlm_patterns.families import FAMILIES; print(*FAMILIES)')"
 for family in "${FAMILIES[@]}"; do
-    preset=${PRESET:-${PRESETS[$family]}}
+    preset=${PRESET:-$(cd benchmarks && python -c "import $family; print($family.GPU_PRESET)")}
     echo "== $family, preset $preset, $DEVICE, $DTYPE"
     start=$(date +%s)
     python benchmarks/run.py "$family" --preset "$preset" --device "$DEVICE" --dtype "$DTYPE" \

@@ -11,6 +11,8 @@ from vlm_patterns.processing import Qwen2VLPatternImageProcessor, Qwen2VLPattern
 
 BUDGET = 28 * 28 * 1280  # max_pixels: at most 1280 visual tokens per image
 
+# The published shape benchmarks/gpu.sh measures.
+GPU_PRESET = "qwen2-vl-2b"
 PRESETS = {
     "cpu": dict(
         vision=dict(depth=4, embed_dim=256, num_heads=4, mlp_ratio=4, hidden_size=512),
