@@ -180,3 +180,18 @@ def test_a_decoder_is_lent_to_one_request_at_a_time(shipped):
     pool.release(first)
     assert pool.acquire(model, 1, 64, use_graph=False) is first  # idle again: reused, not reallocated
     assert pool.acquire(model, 2, 64, use_graph=False) is not first
+
+
+def test_a_generation_config_option_turns_the_path_on(request):
+    """`static_decode` saved in generation_config.json makes plain `generate` calls take the static path."""
+    import copy
+
+    model, processor = converted(request, "fuyu")
+    inputs = model_inputs(processor, [photo_like_image(40, 40, seed=1)], "Describe.")
+    with torch.inference_mode():
+        expected = model.generate(**inputs, **GREEDY)
+        assert not model.static_decoders().idle
+        model.generation_config = copy.deepcopy(model.generation_config)
+        model.generation_config.static_decode = True
+        assert torch.equal(model.generate(**inputs, **GREEDY), expected)
+    assert model.static_decoders().idle  # the static path ran and returned its buffers to the pool
