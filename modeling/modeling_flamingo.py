@@ -193,8 +193,9 @@ class FlamingoPatternModel(PatternModel, FlamingoPatternPreTrainedModel):
         in the cache entries (when there is a cache) so that later calls only read them."""
         visual_tokens = image_hidden_states.flatten(1, 2)  # (B, I * N, Dv)
         media = [block.cross_attn.media_keys_values(visual_tokens) for block in self.gated_cross_attn_layers]
-        for entry, (keys, values) in zip(entries or [], media, strict=False):
-            entry.store(keys, values)
+        if entries:  # with a cache: one entry per gated block
+            for entry, (keys, values) in zip(entries, media, strict=True):
+                entry.store(keys, values)
         return media
 
     def image_visibility(self, input_ids, inputs_embeds, pixel_values, image_mask, image_attention_mask, media,

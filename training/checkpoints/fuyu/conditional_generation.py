@@ -69,7 +69,8 @@ class PatternForConditionalGeneration(PatternPreTrainedModel, GenerationMixin):
             forward.__doc__ = PatternForConditionalGeneration.forward.__doc__
             forward.__qualname__ = f"{cls.__qualname__}.forward"
             cls.forward = forward
-            cls.forward_signature = signature
+            # Positional arguments, in order, as the signature names them (what `forward` maps them to).
+            cls.argument_names = tuple(signature.parameters)[1:-1]
 
     def __init__(self, config):
         super().__init__(config)
@@ -133,13 +134,17 @@ class PatternForConditionalGeneration(PatternPreTrainedModel, GenerationMixin):
         """The base model's arguments, and `labels` (B, T): next-token targets (-100 and the positions where image
         features go are ignored by the loss); `logits_to_keep`: only the last this many positions' logits (0: all),
         or those it indexes. Returns the family's causal-LM output."""
-        arguments = self.forward_signature.bind(self, *args, **kwargs).arguments
-        arguments.pop("self")
-        extra = arguments.pop("kwargs", {})  # what the base model's `**kwargs` collects (attention kernel options)
+        # On every step of generation: a plain mapping by name, not `inspect.Signature.bind`.
+        if len(args) > len(self.argument_names):
+            raise TypeError(f"forward takes at most {len(self.argument_names)} positional arguments")
+        arguments = dict(zip(self.argument_names[: len(args)], args, strict=True))
+        if not arguments.keys().isdisjoint(kwargs):
+            raise TypeError(f"forward got several values for {sorted(arguments.keys() & kwargs.keys())}")
+        arguments.update(kwargs)
         labels, logits_to_keep = arguments.pop("labels", None), arguments.pop("logits_to_keep", 0)
         # Trainer passes the batch's token count so that gradient accumulation averages over tokens, not steps.
-        num_items_in_batch = extra.pop("num_items_in_batch", None)
-        outputs = self.model(**arguments, **extra)
+        num_items_in_batch = arguments.pop("num_items_in_batch", None)
+        outputs = self.model(**arguments)  # names the base model does not take go to its `**kwargs`
         input_ids, inputs_embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
         return self.language_modeling(outputs, input_ids, inputs_embeds, labels, logits_to_keep, num_items_in_batch)
 
