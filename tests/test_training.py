@@ -117,22 +117,37 @@ def test_evaluation_margins_and_the_one_image_accuracy():
     assert result.chance == pytest.approx((0.25 + 1 / 3 + 0.5) / 3)
 
 
-SHORT_RUN_STEPS = 1500
+SHORT_RUN_STEPS = 200
 
 
-@pytest.mark.timeout(1800)  # 3 to 6 minutes each on a quiet 2-core machine; a busy one may take twice that
+@pytest.mark.timeout(900)  # about a minute each on a quiet 2-core machine; a busy one may take several times that
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_short_run_from_scratch_answers_clearly_above_chance(family, tmp_path):
-    """Every pattern learns the task from scratch with the default recipe in a short run: on held-out questions
-    it beats uniform guessing by more than 10 points (always giving the likeliest answer of each kind scores only about
-    2 points above uniform guessing)."""
+    """Every pattern learns from scratch, with the recipe's model and optimizer, to answer from the image: trained
+    on colour questions only ("What color is the triangle?", four answers) for a short run, it answers held-out ones
+    at least 20 points above uniform guessing. The colour of a named shape is in no prompt, so the margin must come
+    through the vision path. (Measured at 200 steps: 59-83% against 25%; the full task needs thousands of steps, see
+    the README's comparison.)"""
     from vlm_patterns.training.evaluate import evaluate
 
-    train(TrainOptions(family=family, output=str(tmp_path / family), steps=SHORT_RUN_STEPS, eval_every=SHORT_RUN_STEPS,
+    train(TrainOptions(family=family, output=str(tmp_path / family), steps=SHORT_RUN_STEPS, batch_size=16,
+                       learning_rate=1e-3, warmup_steps=30, kinds=("color",), eval_every=SHORT_RUN_STEPS,
                        eval_examples=16))  # fmt: skip
-    result = evaluate(tmp_path / family, num_examples=300, seed=31, latency_samples=1)
+    result = evaluate(tmp_path / family, num_examples=200, seed=31, latency_samples=1, kinds=("color",))
     print(result.markdown())  # shown with pytest -s
-    assert result.accuracy > result.chance + 0.1, result.markdown()
+    assert set(result.accuracy_by_kind) == {"color"} and result.examples == 200
+    assert result.accuracy > result.chance + 0.2, result.markdown()
+
+
+def test_question_kinds_are_chosen_by_name():
+    from vlm_patterns.training.synthetic_vqa import kinds_for
+
+    assert {e.kind for e in examples("train", 60, kinds=("count", "read"))} == {"count", "read"}
+    assert kinds_for(True, ("read", "color")) == ("color", "read")  # the task's order
+    with pytest.raises(ValueError, match="unknown question kind"):
+        kinds_for(True, ("colour",))
+    with pytest.raises(ValueError, match="several images"):
+        kinds_for(False, ("compare",))
 
 
 def test_lora_fine_tuning_of_a_converted_checkpoint(llava_pair, tmp_path):

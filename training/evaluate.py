@@ -106,13 +106,19 @@ def visual_tokens(processor, batch: list[dict]) -> list[int]:
 
 
 def evaluate(
-    checkpoint: str | Path, num_examples: int = 3000, seed: int = 1, batch_size: int = 32, latency_samples: int = 20
+    checkpoint: str | Path,
+    num_examples: int = 3000,
+    seed: int = 1,
+    batch_size: int = 32,
+    latency_samples: int = 20,
+    kinds: tuple[str, ...] | None = None,
 ) -> Evaluation:
     """Accuracy on `num_examples` held-out questions drawn with `seed` (the tests and README use others than
-    training does: the held-out split never shares a seed with the training stream)."""
+    training does: the held-out split never shares a seed with the training stream), of every kind the family is
+    asked or only of `kinds`."""
     model, processor, family = load_checkpoint(checkpoint)
     multi_image = processor.max_images_per_prompt != 1
-    data = [vars(e) for e in examples("held_out", num_examples, seed, multi_image)]
+    data = [vars(e) for e in examples("held_out", num_examples, seed, multi_image, kinds)]
     right, total = defaultdict(int), defaultdict(int)
     errors, tokens = [], []
     for start in range(0, len(data), batch_size):
@@ -131,7 +137,7 @@ def evaluate(
         timings.append(time.perf_counter() - started)
     from .synthetic_vqa import ANSWERS
 
-    kinds = [k for k in kinds_for(multi_image) if total[k]]
+    kinds = [k for k in kinds_for(multi_image, kinds) if total[k]]
     return Evaluation(
         family=family,
         examples=len(data),

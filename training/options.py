@@ -27,6 +27,8 @@ class TrainOptions:
     seed: int = 0
     eval_every: int = 500
     eval_examples: int = 192
+    # Question kinds to train and check on; empty: every kind the family reads.
+    kinds: tuple[str, ...] = ()
     report_to: str = "none"
     # Any other `TrainingArguments` (bf16, gradient accumulation, gradient checkpointing, checkpoint saving,
     # resume_from_checkpoint, push_to_hub, ...), as command-line flags in transformers' own spelling.
@@ -66,12 +68,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
                         help="held-out questions per check (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--kinds", type=_kinds, default=defaults.kinds, metavar="KIND[,KIND...]",
+                        help="train and check on these question kinds only (color, shape, count, position, read, "
+                             "compare; default: every kind the family reads)")  # fmt: skip
     parser.add_argument("--report-to", default=defaults.report_to, help="Trainer loggers: none, tensorboard, ...")
     parser.epilog = (
         "Any other transformers TrainingArguments flag passes through in transformers' spelling, e.g. --bf16, "
         "--gradient_accumulation_steps 4, --gradient_checkpointing, --save_strategy steps --save_steps 500, "
         "--resume_from_checkpoint OUTPUT/trainer/checkpoint-500, --push_to_hub --hub_model_id you/name."
     )
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    """Comma-separated kinds; they are checked against the task (and the family) when training starts."""
+    return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
 def options_from(args: argparse.Namespace, trainer_args: list[str] = ()) -> TrainOptions:

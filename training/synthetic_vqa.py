@@ -184,15 +184,26 @@ def held_out_seed(index: int, seed: int = 0) -> int:
     return HELD_OUT_SEED_BASE + seed * 10**7 + index
 
 
-def kinds_for(multi_image: bool) -> tuple[str, ...]:
-    return KINDS if multi_image else SINGLE_IMAGE_KINDS
+def kinds_for(multi_image: bool, only: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The question kinds a family is asked: all of them, or `only` those named (in the task's order); a family that
+    reads one image per prompt is never asked to compare two."""
+    readable = KINDS if multi_image else SINGLE_IMAGE_KINDS
+    if not only:
+        return readable
+    unknown = [k for k in only if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown question kind(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}")
+    unreadable = [k for k in only if k not in readable]
+    if unreadable:
+        raise ValueError(f"{', '.join(unreadable)} needs several images per prompt, and this family reads one")
+    return tuple(k for k in KINDS if k in only)
 
 
-def examples(split: str, size: int, seed: int = 0, multi_image: bool = True):
-    """`size` examples of the split ("train" or "held_out") as `Example`s."""
+def examples(split: str, size: int, seed: int = 0, multi_image: bool = True, kinds: tuple[str, ...] | None = None):
+    """`size` examples of the split ("train" or "held_out") as `Example`s, of all kinds or only of `kinds`."""
     seed_of = training_seed if split == "train" else held_out_seed
-    kinds = kinds_for(multi_image)
-    return [make_example(seed_of(i, seed), kinds) for i in range(size)]
+    chosen = kinds_for(multi_image, kinds)
+    return [make_example(seed_of(i, seed), chosen) for i in range(size)]
 
 
 def as_dataset(split: str, size: int, seed: int = 0, multi_image: bool = True):

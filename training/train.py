@@ -32,8 +32,8 @@ LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.
 class SyntheticStream(IterableDataset):
     """An endless stream of training examples (dicts), each drawn from its own seed."""
 
-    def __init__(self, seed: int, multi_image: bool):
-        self.seed, self.kinds = seed, kinds_for(multi_image)
+    def __init__(self, seed: int, multi_image: bool, kinds: tuple[str, ...] | None = None):
+        self.seed, self.kinds = seed, kinds_for(multi_image, kinds)
 
     def __iter__(self):
         index = 0
@@ -70,11 +70,12 @@ def add_lora(model, rank: int):
 class HeldOutCurve:
     """Held-out accuracy every `every` steps: the learning curve `vlm-patterns compare` plots."""
 
-    def __init__(self, processor, batch_size: int, every: int, num_examples: int, multi_image: bool):
+    def __init__(self, processor, batch_size: int, every: int, num_examples: int, multi_image: bool,
+                 kinds: tuple[str, ...] | None = None):  # fmt: skip
         from transformers import TrainerCallback
 
         self.points, outer = [], self
-        self.data = [vars(e) for e in examples("held_out", num_examples, seed=0, multi_image=multi_image)]
+        self.data = [vars(e) for e in examples("held_out", num_examples, seed=0, multi_image=multi_image, kinds=kinds)]
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -133,6 +134,7 @@ def train(options: TrainOptions) -> dict:
     torch.manual_seed(options.seed)
     model, processor = build_model_and_processor(options)
     multi_image = processor.max_images_per_prompt != 1
+    kinds = kinds_for(multi_image, options.kinds)  # a kind this family cannot be asked fails here
     trainable = apply_freezing(model, options.freeze)
     if options.lora:
         model = add_lora(model, options.lora_rank)
@@ -142,14 +144,14 @@ def train(options: TrainOptions) -> dict:
 
     output = Path(options.output)
     curve = HeldOutCurve(processor, options.batch_size, options.eval_every, options.eval_examples,
-                         multi_image)  # fmt: skip
+                         multi_image, kinds)  # fmt: skip
     # Unless checkpoints are saved or resumed from, the Trainer's own files go to a scratch folder, removed after.
     scratch = tempfile.mkdtemp(prefix="vlm-patterns-trainer-")
     args = training_arguments(options, output, scratch)
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=SyntheticStream(options.seed, multi_image),
+        train_dataset=SyntheticStream(options.seed, multi_image, kinds),
         data_collator=VQACollator(processor),
         callbacks=[curve.callback],
     )

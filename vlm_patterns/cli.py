@@ -147,7 +147,8 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .training.evaluate import evaluate
 
-    result = evaluate(args.checkpoint, num_examples=args.examples, seed=args.seed, batch_size=args.batch_size)
+    result = evaluate(args.checkpoint, num_examples=args.examples, seed=args.seed, batch_size=args.batch_size,
+                      kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()) or None)  # fmt: skip
     print(result.markdown())
     if args.json:
         import dataclasses
@@ -173,6 +174,17 @@ def cmd_space(args) -> int:
     from .publishing import assemble_space
 
     print(f"Space folder written to {assemble_space(args.output)}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serving import serve
+    except ImportError as e:
+        raise ImportError(f'{e}; the server needs the serve extra: pip install "vlm-patterns[serve]"') from e
+
+    serve(args.folders, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+          max_in_flight=args.max_in_flight, log_level=args.log_level)  # fmt: skip
     return 0
 
 
@@ -267,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=1, help="held-out draw; training never uses held-out seeds (default: %(default)s)"
     )
     p.add_argument("--batch-size", type=int, default=32, help="questions per forward pass (default: %(default)s)")
+    p.add_argument("--kinds", default="", metavar="KIND[,KIND...]",
+                   help="only these question kinds (default: every kind the family reads)")  # fmt: skip
     p.add_argument("--json", help="also write the result as JSON here")
     p.set_defaults(func=cmd_evaluate)
 
@@ -281,6 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("space", help="write a self-contained Hugging Face Space folder (app, packages, checkpoints)")
     p.add_argument("output", help="folder to create (must be new or empty)")
     p.set_defaults(func=cmd_space)
+
+    p = sub.add_parser("serve", help="serve checkpoints behind the OpenAI chat API (/v1/chat/completions)")
+    p.add_argument("folders", nargs="*", metavar="FOLDER",
+                   help="checkpoint folders of ours, named by folder (default: the four shipped models, by family)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: %(default)s)")
+    p.add_argument(
+        "--dtype", default="auto", help="float32, bfloat16, ... or auto: the checkpoint's (default: %(default)s)"
+    )
+    p.add_argument("--max-in-flight", type=int, default=64,
+                   help="chat requests queued or generating at once; more get 429 (default: %(default)s)")  # fmt: skip
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="build, convert, verify and run a tiny LLaVA, offline")
     p.add_argument("--workdir", default="vlm-patterns-demo", help="where to write (default: %(default)s)")

@@ -254,6 +254,7 @@ class FlamingoPatternForConditionalGeneration(PatternForConditionalGeneration, F
     output_class = CausalLMOutputWithImages
     vision_encoder_prefixes = ("model.vision_model.",)
     connector_prefixes = ("model.perceiver_resampler.", "model.gated_cross_attn_layers.")
+    visual_tokens_in_sequence = False  # the latents are read through the gated cross-attention layers
 
     def positions_without_targets(self, input_ids, inputs_embeds, labels) -> torch.Tensor | None:
         return labels == self.config.image_token_id  # where an image goes

@@ -330,11 +330,9 @@ def static_generate(
 
     stop_strings = None
     if config.stop_strings:
-        from transformers.generation.stopping_criteria import StopStringCriteria
-
         if tokenizer is None:
             raise ValueError("stop_strings need the tokenizer: pass tokenizer= (as transformers' generate does)")
-        stop_strings = StopStringCriteria(tokenizer, config.stop_strings)
+        stop_strings = StopStrings(tokenizer, config.stop_strings, prompt_length)
 
     sequences = torch.full((batch, prompt_length + new_tokens), pad, dtype=torch.long, device=device)
     sequences[:, :prompt_length] = input_ids
@@ -374,7 +372,7 @@ def static_generate(
             if eos is not None:
                 unfinished &= ~torch.isin(tokens, eos)
             if stop_strings is not None:
-                unfinished &= ~stop_strings(sequences[:, : prompt_length + done], None)
+                unfinished &= ~stop_strings(sequences[:, : prompt_length + done])
             if streamer is not None or stop_strings is not None or done % check_every == 0:
                 if not bool(unfinished.any()):
                     break
@@ -388,6 +386,21 @@ def static_generate(
     # Steps run after every row finished (between checks) are dropped, as transformers would never run them.
     finished_at = finished_lengths(sequences[:, prompt_length : prompt_length + done], eos, stop_strings is None)
     return sequences[:, : prompt_length + min(done, finished_at)]
+
+
+class StopStrings:
+    """Which rows' answers so far hold one of the stop strings, read from the decoded text: the step at which
+    transformers' `StopStringCriteria` stops (the one whose token completes the string), for any vocabulary. That
+    criterion builds its tables by decoding each token after a probe word, which fails for word-level vocabularies
+    such as the shipped models' ("substring not found")."""
+
+    def __init__(self, tokenizer, strings: str | list[str], prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+        self.strings = [strings] if isinstance(strings, str) else list(strings)
+
+    def __call__(self, sequences: torch.Tensor) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(sequences[:, self.prompt_length :].tolist())
+        return torch.tensor([any(s in text for s in self.strings) for text in texts], device=sequences.device)
 
 
 def finished_lengths(new: torch.Tensor, eos: torch.Tensor | None, by_eos_only: bool) -> int:

@@ -55,6 +55,9 @@ class PatternForConditionalGeneration(PatternPreTrainedModel, GenerationMixin):
     # freezing strategies and LoRA's `modules_to_save` act on.
     vision_encoder_prefixes: ClassVar[tuple[str, ...]] = ()
     connector_prefixes: ClassVar[tuple[str, ...]] = ()
+    # Whether each visual token is a position of the sequence (projection, early fusion) or is only read by
+    # cross-attention beside it (Flamingo): what a count of the prompt's tokens must add for the images.
+    visual_tokens_in_sequence: ClassVar[bool] = True
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init_subclass__(cls, **kwargs):
