@@ -224,7 +224,9 @@ class StaticDecoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.restore_images(saved)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads (a server's other models, the Space's other columns) keep using the device
+        # while this one captures; the default would fail their calls for the length of the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = self.forward_step()
         self.restore_images(saved)
 
