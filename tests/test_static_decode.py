@@ -69,6 +69,34 @@ def test_greedy_tokens_match_generate_on_left_padded_batches(request, family):
     same_tokens(model, inputs, **GREEDY)
 
 
+@pytest.mark.timeout(600)  # a compilation per shape: tens of seconds on a small CPU
+@pytest.mark.parametrize("family", ["llava", "flamingo"])
+def test_the_compiled_step_gives_the_same_tokens(request, family):
+    """step_mode="compiled" (torch.compile of the decode step; the CPU option) on a left-padded batch with images:
+    the tokens of transformers' generate, and a second request of the same shape reuses the compiled step."""
+    model, processor = converted(request, family)
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in ["What is it?", "Where is the red thing in this picture?"]
+    ]
+    images = [[photo_like_image(64, 48, seed=5)], [photo_like_image(40, 80, seed=6)]]
+    inputs = {k: v for k, v in dict(processor(images=images, text=prompts, padding_side="left")).items()
+              if k not in NOT_MODEL_INPUTS}  # fmt: skip
+    options = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    with torch.inference_mode():
+        expected = model.generate(**inputs, **options)
+        for _ in range(2):
+            ours = model.generate(**inputs, **options, static_decode=True, step_mode="compiled")
+            assert torch.equal(expected, ours), (expected.tolist(), ours.tolist())
+    decoders = model.static_decoders().idle
+    needed, limit = inputs["input_ids"].shape[1] + 16, model.config.text_config.max_position_embeddings
+    assert [d.mode for d in decoders] == ["compiled"] and decoders[0].length == bucket_length(needed, limit, True)
+    with pytest.raises(ValueError, match="step_mode"):
+        model.generate(**inputs, max_new_tokens=2, static_decode=True, step_mode="graph")  # CUDA only
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "fuyu", "flamingo"])
 def test_shipped_checkpoints_answer_the_same_through_both_paths(shipped, family):
     from vlm_patterns.training.synthetic_vqa import held_out_seed, make_example
@@ -164,22 +192,22 @@ def test_what_the_path_does_not_implement_is_refused_by_name(shipped):
 
 
 def test_buffers_are_reused_by_shape_and_lengths_bucket_on_cuda():
-    assert bucket_length(100, 4096, on_cuda=False) == 100
-    assert bucket_length(100, 4096, on_cuda=True) == 256
-    assert bucket_length(300, 4096, on_cuda=True) == 512
-    assert bucket_length(3000, 2048, on_cuda=True) == 3000  # past the context: the caller has refused it already
-    assert bucket_length(1500, 2048, on_cuda=True) == 2048
+    assert bucket_length(100, 4096, bucketed=False) == 100
+    assert bucket_length(100, 4096, bucketed=True) == 256
+    assert bucket_length(300, 4096, bucketed=True) == 512
+    assert bucket_length(3000, 2048, bucketed=True) == 3000  # past the context: the caller has refused it already
+    assert bucket_length(1500, 2048, bucketed=True) == 2048
 
 
 def test_a_decoder_is_lent_to_one_request_at_a_time(shipped):
     model, _ = shipped["fuyu"]
     pool = DecoderPool(keep=2)
-    first = pool.acquire(model, 1, 64, use_graph=False)
-    second = pool.acquire(model, 1, 64, use_graph=False)
+    first = pool.acquire(model, 1, 64, mode="eager")
+    second = pool.acquire(model, 1, 64, mode="eager")
     assert first is not second  # both busy: each request has its own buffers
     pool.release(first)
-    assert pool.acquire(model, 1, 64, use_graph=False) is first  # idle again: reused, not reallocated
-    assert pool.acquire(model, 2, 64, use_graph=False) is not first
+    assert pool.acquire(model, 1, 64, mode="eager") is first  # idle again: reused, not reallocated
+    assert pool.acquire(model, 2, 64, mode="eager") is not first
 
 
 def test_a_generation_config_option_turns_the_path_on(request):

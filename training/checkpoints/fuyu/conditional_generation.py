@@ -96,8 +96,9 @@ class PatternForConditionalGeneration(PatternPreTrainedModel, GenerationMixin):
     def generate(self, inputs=None, generation_config=None, static_decode: bool | None = None, **kwargs):
         """transformers' `generate`; with `static_decode=True` (or `static_decode` set in the generation config),
         the static decode path (static_generation.py): the same greedy tokens, far less overhead per step, a CUDA
-        graph on GPUs. It takes `streamer`, `tokenizer` (for `stop_strings`) and `generator` (a seeded
-        `torch.Generator` for sampling); options it does not implement are refused by name."""
+        graph on GPUs. It takes `streamer`, `tokenizer` (for `stop_strings`), `generator` (a seeded
+        `torch.Generator` for sampling) and `step_mode` ("eager", "graph" or "compiled"; default: graph on CUDA,
+        eager elsewhere); options it does not implement are refused by name."""
         config = generation_config if generation_config is not None else self.generation_config
         if static_decode is None:
             static_decode = bool(config.to_dict().get("static_decode", False))
@@ -106,17 +107,17 @@ class PatternForConditionalGeneration(PatternPreTrainedModel, GenerationMixin):
         self.fit_to_context(inputs, generation_config, kwargs)
         if inputs is not None:
             kwargs["input_ids"] = inputs
-        streamer, tokenizer, generator = (
+        streamer, tokenizer, generator, step_mode = (
             kwargs.pop("streamer", None),
             kwargs.pop("tokenizer", None),
             kwargs.pop("generator", None),
+            kwargs.pop("step_mode", None),
         )
         config = copy.deepcopy(config)
         model_inputs = config.update(**kwargs)
         with torch.inference_mode():
-            sequences = static_generate(
-                self, model_inputs, config, streamer=streamer, tokenizer=tokenizer, generator=generator
-            )
+            sequences = static_generate(self, model_inputs, config, streamer=streamer, tokenizer=tokenizer,
+                                        generator=generator, step_mode=step_mode)  # fmt: skip
         return GenerateDecoderOnlyOutput(sequences=sequences) if config.return_dict_in_generate else sequences
 
     def static_decoders(self) -> DecoderPool:

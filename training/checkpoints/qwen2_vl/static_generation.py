@@ -30,14 +30,19 @@ SUPPORTED_OPTIONS = {
     "repetition_penalty", "eos_token_id", "pad_token_id", "bos_token_id", "stop_strings", "use_cache",
     "return_dict_in_generate", "num_beams", "num_return_sequences",
 }  # fmt: skip
-# Bucket lengths on CUDA: one captured graph serves every request whose prompt + new tokens fit the bucket.
+# Bucket lengths of the graph and compiled steps: one serves every request whose prompt + new tokens fit the bucket.
 MIN_BUCKET = 256
+# How a decode step runs: "eager" (op by op), "graph" (captured once in a CUDA graph and replayed: the default on
+# CUDA) or "compiled" (torch.compile of the step, once per shape: on CPU it fuses the step's small ops, a few tens
+# of seconds of compilation per shape for several times fewer dispatches per token).
+STEP_MODES = ("eager", "graph", "compiled")
 
 
-def bucket_length(needed: int, limit: int, on_cuda: bool) -> int:
-    """Buffer length for `needed` positions: exact on CPU (no graph to reuse, shorter attention), else the next
-    power of two from MIN_BUCKET, so a handful of captured graphs serve every length; never past `limit`."""
-    if not on_cuda:
+def bucket_length(needed: int, limit: int, bucketed: bool) -> int:
+    """Buffer length for `needed` positions: exact for the eager step (nothing to reuse, shorter attention), else
+    the next power of two from MIN_BUCKET, so a handful of captured graphs or compiled steps serve every length;
+    never past `limit`."""
+    if not bucketed:
         return needed
     length = MIN_BUCKET
     while length < needed:
@@ -133,7 +138,7 @@ class StaticDecoder:
     """Buffers (and, on CUDA, a captured graph) for one model at one (batch, length) shape; reused by every
     request of that shape. Not shared by two requests at once: `DecoderPool` hands each its own."""
 
-    def __init__(self, model, batch: int, length: int, use_graph: bool):
+    def __init__(self, model, batch: int, length: int, mode: str):
         text = model.config.text_config
         weight = model.get_input_embeddings().weight
         self.model, self.batch, self.length = model, batch, length
@@ -160,8 +165,10 @@ class StaticDecoder:
             self.attention = {}
         else:
             self.attention = {"attention_function": ALL_ATTENTION_FUNCTIONS["sdpa"]}
-        self.use_graph = use_graph
+        self.mode = mode
         self.graph, self.logits = None, None
+        # dynamic=False: one compiled step per shape, as one CUDA graph per shape.
+        self.compiled_step = torch.compile(self.forward_step, dynamic=False) if mode == "compiled" else None
 
     def start(self, prefill, attention_mask: torch.Tensor | None) -> None:
         """Load a prefill's outputs: its keys and values, which prompt positions are real, where decoding
@@ -202,11 +209,13 @@ class StaticDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed the chosen tokens (B,) and return the next logits (B, V) float32; advances the index."""
         self.token.copy_(tokens.view(self.batch, 1))
-        if self.use_graph:
+        if self.mode == "graph":
             if self.graph is None:
                 self.capture()
             self.graph.replay()
             logits = self.logits
+        elif self.compiled_step is not None:
+            logits = self.compiled_step()
         else:
             logits = self.forward_step()
         self.index += 1
@@ -244,13 +253,13 @@ class DecoderPool:
         self.keep = keep
         self.lock = threading.Lock()
 
-    def acquire(self, model, batch: int, length: int, use_graph: bool) -> StaticDecoder:
+    def acquire(self, model, batch: int, length: int, mode: str) -> StaticDecoder:
         with self.lock:
             for decoder in self.idle:
-                if (decoder.batch, decoder.length, decoder.use_graph) == (batch, length, use_graph):
+                if (decoder.batch, decoder.length, decoder.mode) == (batch, length, mode):
                     self.idle.remove(decoder)
                     return decoder
-        return StaticDecoder(model, batch, length, use_graph)
+        return StaticDecoder(model, batch, length, mode)
 
     def release(self, decoder: StaticDecoder) -> None:
         with self.lock:
@@ -299,7 +308,7 @@ def static_generate(
     streamer=None,
     tokenizer=None,
     generator: torch.Generator | None = None,
-    use_graph: bool | None = None,
+    step_mode: str | None = None,
     check_every: int = 8,
 ) -> torch.Tensor:
     """Generate as transformers' `generate` would with `config` (greedy: the same tokens), on static buffers.
@@ -326,9 +335,11 @@ def static_generate(
     eos = eos_ids(config, device)
     pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
     on_cuda = device.type == "cuda"
-    use_graph = on_cuda if use_graph is None else use_graph
+    step_mode = step_mode or ("graph" if on_cuda else "eager")
+    if step_mode not in STEP_MODES or (step_mode == "graph" and not on_cuda):
+        raise ValueError(f"step_mode must be one of {', '.join(STEP_MODES)} (graph on CUDA only), not {step_mode!r}")
     limit = model.config.text_config.max_position_embeddings
-    length = bucket_length(prompt_length + new_tokens, limit, on_cuda)
+    length = bucket_length(prompt_length + new_tokens, limit, step_mode != "eager")
 
     stop_strings = None
     if config.stop_strings:
@@ -356,7 +367,7 @@ def static_generate(
     done = 0
     try:
         if new_tokens > 1:
-            decoder = pool.acquire(model, batch, length, use_graph)
+            decoder = pool.acquire(model, batch, length, step_mode)
             decoder.start(prefill, attention_mask)
         del prefill
         for step in range(new_tokens):
