@@ -200,6 +200,33 @@ def first_call_seconds(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
+@dataclass
+class Pairing:
+    """One side against the other on the same inputs: each side's time to the first token (s) and decode speed
+    (tok/s, from the time difference of generating 1 and 1 + N tokens), medians of paired runs."""
+
+    first: list[float]
+    decode: list[float]
+
+
+def pair_generates(ours, reference, ours_inputs, reference_inputs, new_tokens, repeats, device,
+                   ours_options: dict, reference_options: dict) -> Pairing:  # fmt: skip
+    with torch.inference_mode():
+        first = paired_median_seconds(
+            generate_call(ours, ours_inputs, 1, **ours_options),
+            generate_call(reference, reference_inputs, 1, **reference_options),
+            device,
+            repeats,
+        )
+        many = paired_median_seconds(
+            generate_call(ours, ours_inputs, new_tokens + 1, **ours_options),
+            generate_call(reference, reference_inputs, new_tokens + 1, **reference_options),
+            device,
+            repeats,
+        )
+    return Pairing(first, [new_tokens / (m - o) for m, o in zip(many, first, strict=True)])
+
+
 def add_fast_path_rows(
     report: Report,
     ours,
@@ -214,34 +241,31 @@ def add_fast_path_rows(
     compiled_step: bool = False,
 ) -> None:
     """Rows "fast path": our static decode path against transformers' `generate` (its default dynamic cache)
-    on the same weights and inputs: time to the first token, and decode tokens per second (from the time
-    difference of generating 1 and 1 + N tokens). On CUDA also against transformers' best, a static cache with
-    torch.compile, with each side's warm-up (graph capture; compilation) measured on its first call. With
-    `compiled_step` (off CUDA), also the static path with its step compiled (`step_mode="compiled"`)."""
+    on the same weights and inputs: time to the first token, and decode tokens per second. On CUDA also against
+    transformers' best, a static cache with torch.compile, with each side's warm-up (graph capture; compilation)
+    measured on its first call. With `compiled_step` (off CUDA), also the static path with its step compiled
+    (`step_mode="compiled"`), its compilation measured on its first call."""
+    on_cuda = device.startswith("cuda")
     fast = dict(static_decode=True)
+    sides = (ours, reference, ours_inputs, reference_inputs, new_tokens, repeats, device)
     with torch.inference_mode():
         warmup = first_call_seconds(generate_call(ours, ours_inputs, new_tokens + 1, **fast), device)
-        first = paired_median_seconds(
-            generate_call(ours, ours_inputs, 1, **fast), generate_call(reference, reference_inputs, 1), device, repeats
-        )
-        many = paired_median_seconds(
-            generate_call(ours, ours_inputs, new_tokens + 1, **fast),
-            generate_call(reference, reference_inputs, new_tokens + 1),
-            device,
-            repeats,
-        )
-    decode = [new_tokens / (m - o) for m, o in zip(many, first, strict=True)]
-    report.add("fast path: time to first token vs generate", "ms", first[0] * 1e3, first[1] * 1e3, False,
+    plain = pair_generates(*sides, fast, {})
+    report.add("fast path: time to first token vs generate", "ms", plain.first[0] * 1e3, plain.first[1] * 1e3, False,
                first_token_target)  # fmt: skip
-    report.add(f"fast path: decode, {new_tokens} tokens vs generate", "tok/s", decode[0], decode[1], True,
-               decode_target)  # fmt: skip
+    report.add(f"fast path: decode, {new_tokens} tokens vs generate", "tok/s", *plain.decode, True, decode_target)
     report.notes.append(
-        f"Fast path warm-up (first call, buffers{' and CUDA graph' if device.startswith('cuda') else ''}): {warmup:.2f} s."
+        f"Fast path warm-up (first call, buffers{' and CUDA graph' if on_cuda else ''}): {warmup:.2f} s."
     )
-    if not device.startswith("cuda"):
-        if compiled_step:
-            add_compiled_step_rows(report, ours, reference, ours_inputs, reference_inputs, new_tokens, repeats,
-                                   device, decode_target)  # fmt: skip
+    if compiled_step and not on_cuda:
+        step = dict(static_decode=True, step_mode="compiled")
+        with torch.inference_mode():
+            step_warmup = first_call_seconds(generate_call(ours, ours_inputs, new_tokens + 1, **step), device)
+        decode = pair_generates(*sides, step, {}).decode
+        report.add(f"fast path, compiled step: decode, {new_tokens} tokens vs generate", "tok/s", *decode, True,
+                   decode_target)  # fmt: skip
+        report.notes.append(f"Compiled step warm-up (first call: torch.compile of the step): {step_warmup:.1f} s.")
+    if not on_cuda:
         return
     compiled = dict(cache_implementation="static")
     try:
@@ -249,49 +273,14 @@ def add_fast_path_rows(
             compile_seconds = first_call_seconds(
                 generate_call(reference, reference_inputs, new_tokens + 1, **compiled), device
             )
-            first_c = paired_median_seconds(
-                generate_call(ours, ours_inputs, 1, **fast), generate_call(reference, reference_inputs, 1, **compiled),
-                device, repeats,
-            )  # fmt: skip
-            many_c = paired_median_seconds(
-                generate_call(ours, ours_inputs, new_tokens + 1, **fast),
-                generate_call(reference, reference_inputs, new_tokens + 1, **compiled),
-                device,
-                repeats,
-            )
-        decode_c = [new_tokens / (m - o) for m, o in zip(many_c, first_c, strict=True)]
-        report.add("fast path: decode vs static cache + torch.compile", "tok/s", decode_c[0], decode_c[1], True, 1.2)
+        decode_c = pair_generates(*sides, fast, compiled).decode
+        report.add("fast path: decode vs static cache + torch.compile", "tok/s", *decode_c, True, 1.2)
         report.add("fast path: warm-up vs torch.compile's", "s", warmup, compile_seconds, False, 3.0)
     except Exception as error:  # the reference class may not support a static cache; say so, keep the rest
         report.notes.append(f"transformers' static cache + torch.compile did not run here: {error!r}")
-        decode_c = decode
+        decode_c = plain.decode
     floor = weight_reading_floor(ours, device)
     report.add("fast path: decode vs the weight-reading floor", "tok/s", decode_c[0], floor, True, 0.7)
-
-
-def add_compiled_step_rows(
-    report: Report, ours, reference, ours_inputs, reference_inputs, new_tokens, repeats, device, decode_target
-) -> None:
-    """The static path with its decode step compiled by torch.compile (the CPU option) against transformers'
-    `generate`; its warm-up (the compilation for this shape, on the first call) measured and printed."""
-    fast = dict(static_decode=True, step_mode="compiled")
-    with torch.inference_mode():
-        warmup = first_call_seconds(generate_call(ours, ours_inputs, new_tokens + 1, **fast), device)
-        first = paired_median_seconds(
-            generate_call(ours, ours_inputs, 1, **fast), generate_call(reference, reference_inputs, 1), device, repeats
-        )
-        many = paired_median_seconds(
-            generate_call(ours, ours_inputs, new_tokens + 1, **fast),
-            generate_call(reference, reference_inputs, new_tokens + 1),
-            device,
-            repeats,
-        )
-    decode = [new_tokens / (m - o) for m, o in zip(many, first, strict=True)]
-    report.add(f"fast path, compiled step: decode, {new_tokens} tokens vs generate", "tok/s", decode[0], decode[1],
-               True, decode_target)  # fmt: skip
-    report.notes.append(
-        f"Compiled step warm-up (first call: torch.compile of the step for this shape): {warmup:.1f} s."
-    )
 
 
 def run_embedded(family: str, new_tokens: int, repeats: int) -> Report:
