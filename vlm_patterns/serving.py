@@ -21,6 +21,7 @@ vision-language model. So each family is served per request here, and the models
 import asyncio
 import base64
 import io
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -91,8 +92,6 @@ def served_models(folders: list[str | Path] | None = None) -> dict[str, ServedMo
         config = folder / "config.json"
         if not config.is_file():
             raise FileNotFoundError(f"{folder} is not a checkpoint folder (no config.json)")
-        import json
-
         family = family_of(json.loads(config.read_text()).get("model_type", "")).name
         name = folder.resolve().name
         if name in served:
@@ -408,8 +407,6 @@ class PatternChatHandler(ChatCompletionHandler):
             request_id, model, processor, model_id, inputs, gen_config, gen_manager, tools
         )
         if extra:
-            import json
-
             answer = json.loads(response.body)
             add_visual_tokens(answer, extra)
             response = JSONResponse(answer)
@@ -434,8 +431,6 @@ def add_visual_tokens(answer: dict, extra: int) -> None:
 
 async def with_visual_tokens(stream: AsyncIterator, extra: int) -> AsyncIterator:
     """The final chunk's usage, with the visual tokens the prompt's ids leave out."""
-    import json
-
     try:
         async for chunk in stream:
             if '"usage"' in chunk:

@@ -51,7 +51,7 @@ def _decode(data: bytes, name: str, max_pixels: int) -> PIL.Image.Image:
     _check_pixels(*image.size, max_pixels, name)
     try:
         image.load()  # decode now, so a truncated or corrupt file fails here and not later
-        return upright(image)
+        return image  # turned upright by load_image, with every other PIL image
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageInputError(f"{name[0].upper()}{name[1:]} is not a readable image: {e}") from e
 
