@@ -69,11 +69,34 @@ def test_greedy_tokens_match_generate_on_left_padded_batches(request, family):
     same_tokens(model, inputs, **GREEDY)
 
 
+@pytest.mark.parametrize("step_mode", ["eager", "compiled"])
+def test_rows_that_finish_early_pad_as_in_generate(request, step_mode):
+    """The token one row generates third is made an EOS id: that row finishes and pads while the other goes on,
+    as transformers' loop does; the greedy step chooses the tokens, pads and tracks finished rows itself."""
+    model, processor = converted(request, "llava")
+    images = [[photo_like_image(64, 48, seed=5)], [photo_like_image(40, 80, seed=6)]]
+    prompts = ["<image>What is it?", "<image>Where is the red thing in this picture?"]
+    inputs = {k: v for k, v in dict(processor(images=images, text=prompts, padding_side="left")).items()
+              if k not in NOT_MODEL_INPUTS}  # fmt: skip
+    prompt_length = inputs["input_ids"].shape[1]
+    with torch.inference_mode():
+        free = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    new = free[:, prompt_length:]
+    eos = next(int(t) for t in new[0, 2:] if int(t) not in new[1].tolist() and int(t) not in new[0, :2].tolist())
+    options = dict(max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    with torch.inference_mode():
+        expected = model.generate(**inputs, **options)
+        ours = model.generate(**inputs, **options, static_decode=True, step_mode=step_mode)
+    assert torch.equal(expected, ours), (expected.tolist(), ours.tolist())
+    assert (ours[0, prompt_length:] == 0).any() and not (ours[1, prompt_length:] == eos).any()
+
+
 @pytest.mark.timeout(600)  # a compilation per shape: tens of seconds on a small CPU
 @pytest.mark.parametrize("family", ["llava", "flamingo"])
 def test_the_compiled_step_gives_the_same_tokens(request, family):
     """step_mode="compiled" (torch.compile of the decode step; the CPU option) on a left-padded batch with images:
-    the tokens of transformers' generate, and a second request of the same shape reuses the compiled step."""
+    the tokens of transformers' generate, and a second request of the same shape reuses the compiled step. Batch 1
+    too: there the step's one-row matrix products are compiled into inductor's own code, not BLAS calls."""
     model, processor = converted(request, family)
     prompts = [
         processor.apply_chat_template(
@@ -93,8 +116,27 @@ def test_the_compiled_step_gives_the_same_tokens(request, family):
     decoders = model.static_decoders().idle
     needed, limit = inputs["input_ids"].shape[1] + 16, model.config.text_config.max_position_embeddings
     assert [d.mode for d in decoders] == ["compiled"] and decoders[0].length == bucket_length(needed, limit, True)
+    single = model_inputs(processor, [photo_like_image(72, 56, seed=3)], "Describe the picture.")
+    with torch.inference_mode():
+        expected = model.generate(**single, **options)
+        ours = model.generate(**single, **options, static_decode=True, step_mode="compiled")
+    assert torch.equal(expected, ours), (expected.tolist(), ours.tolist())
     with pytest.raises(ValueError, match="step_mode"):
         model.generate(**inputs, max_new_tokens=2, static_decode=True, step_mode="graph")  # CUDA only
+
+
+@pytest.mark.timeout(600)
+def test_compiled_steps_of_two_models_are_kept_apart(shipped):
+    """Two models whose decoders have buffers of the same shapes (Qwen2-VL's projections have biases, Fuyu's do
+    not): each runs its own compiled step, never the other's."""
+    options = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    for family in ("qwen2_vl", "fuyu"):
+        model, processor = shipped[family]
+        inputs = model_inputs(processor, [photo_like_image(60, 60, seed=2)], "What color is the circle?")
+        with torch.inference_mode():
+            expected = model.generate(**inputs, **options)
+            ours = model.generate(**inputs, **options, static_decode=True, step_mode="compiled")
+        assert torch.equal(expected, ours), (family, expected.tolist(), ours.tolist())
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "fuyu", "flamingo"])
