@@ -7,8 +7,9 @@ forward (images, M-RoPE, Flamingo's image keys/values: exactly as in `generate`)
 into buffers allocated once per request shape; and each step then has fixed shapes: the token's embedding, its
 rotary tables from a per-row position, a mask read from a preallocated validity buffer at the step's index, the
 layers writing their keys and values in place, the LM head. On CUDA that step is captured once in a CUDA graph per
-(batch size, length bucket) and replayed. Choosing the token (greedy, or sampled through the usual filters on the
-device with a seeded generator), EOS and stop strings stay outside the step.
+(batch size, length bucket) and replayed. Elsewhere a greedy step also chooses the next token itself (EOS held
+back, finished rows padded), so one call per token runs nothing else; sampling (the usual filters on the device
+with a seeded generator), repetition penalty and stop strings choose outside the step.
 
 Axes: B batch, T prompt tokens, L buffer length (prompt + new tokens, rounded up to a bucket), V vocabulary,
 Hkv key/value heads, d head dim.
