@@ -4,6 +4,7 @@ bad input gets OpenAI-shaped errors while the server keeps serving; a full queue
 
 import base64
 import concurrent.futures
+import contextlib
 import http.server
 import io
 import json
@@ -272,3 +273,21 @@ def test_a_client_leaving_mid_stream_frees_its_slot(small_server):
     assert httpx.get(small_server + "/v1/queue").json()["in_flight"] == 0
     answer = chat(small_server, {"model": "fuyu", "messages": question(DATA_URI)})
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"].strip() == "red"
+
+
+@pytest.mark.timeout(600)  # a compilation on the first request
+def test_the_compiled_step_serves_the_same_answers(image_host):
+    """`--decode compiled`: greedy answers (the step chooses the tokens itself) as from the default server, streamed
+    and not, and a seeded sample (chosen outside the step) that repeats."""
+    from vlm_patterns.training.ship import CHECKPOINTS
+
+    with contextlib.contextmanager(start)(str(CHECKPOINTS / "llava"), "--decode", "compiled") as url:
+        api = client(url)
+        answer = api.chat.completions.create(model="llava", messages=question(DATA_URI), max_tokens=8)
+        assert answer.choices[0].message.content.strip() == "red"
+        chunks = list(api.chat.completions.create(model="llava", messages=question(image_host + "/circle.png"),
+                                                  max_tokens=8, stream=True))  # fmt: skip
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == "red"
+        options = dict(model="llava", messages=question(DATA_URI), max_tokens=8, temperature=1.5, seed=11)
+        sampled = [api.chat.completions.create(**options).choices[0].message.content for _ in range(2)]
+        assert sampled[0] == sampled[1]

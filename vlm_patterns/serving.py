@@ -157,9 +157,10 @@ class StaticGenerateManager(BaseGenerateManager):
     `generate` where a request asks for an option that path does not implement). Sampling draws from a generator
     seeded by the request's `seed`, so a seeded answer does not depend on what other requests ran meanwhile."""
 
-    def __init__(self, seeds: dict[str, int]):
+    def __init__(self, seeds: dict[str, int], step_mode: str | None = None):
         self._thread = InferenceThread()
         self._seeds = seeds
+        self._step_mode = step_mode
 
     def _generate(self, model, processor, inputs, gen_config, request_id: str, streamer=None) -> torch.Tensor:
         seed = self._seeds.pop(request_id, None)
@@ -169,7 +170,7 @@ class StaticGenerateManager(BaseGenerateManager):
             device = model.get_input_embeddings().weight.device
             generator = torch.Generator(device)
             generator.manual_seed(seed) if seed is not None else generator.seed()
-            return model.generate(**kwargs, static_decode=True, generator=generator)
+            return model.generate(**kwargs, static_decode=True, generator=generator, step_mode=self._step_mode)
         if seed is not None:
             torch.manual_seed(seed)
         return model.generate(**kwargs, static_decode=False)
@@ -204,13 +205,14 @@ class StaticGenerateManager(BaseGenerateManager):
 class PatternGenerationState(GenerationState):
     """One `StaticGenerateManager` per model; continuous batching is not offered (see the module's docstring)."""
 
-    def __init__(self):
+    def __init__(self, step_mode: str | None = None):
         super().__init__(continuous_batching=False)
         self.seeds: dict[str, int] = {}
+        self.step_mode = step_mode
 
     def get_manager(self, model_id: str, use_cb: bool = False) -> BaseGenerateManager:
         if model_id not in self._generate_managers:
-            self._generate_managers[model_id] = StaticGenerateManager(self.seeds)
+            self._generate_managers[model_id] = StaticGenerateManager(self.seeds, self.step_mode)
         return self._generate_managers[model_id]
 
 
@@ -450,10 +452,12 @@ async def with_visual_tokens(stream: AsyncIterator, extra: int) -> AsyncIterator
 # ---- the app ----
 
 
-def build_app(served: dict[str, ServedModel], device: str = "cpu", dtype: str = "auto", max_in_flight: int = 64):
-    """transformers' FastAPI app, serving our models (loaded here, before the first request)."""
+def build_app(served: dict[str, ServedModel], device: str = "cpu", dtype: str = "auto", max_in_flight: int = 64,
+              step_mode: str | None = None):  # fmt: skip
+    """transformers' FastAPI app, serving our models (loaded here, before the first request). `step_mode`: how
+    the static decode path runs a step (static_generation.STEP_MODES; None: its default for the device)."""
     manager = PatternModelManager(served, device=device, dtype=dtype)
-    state = PatternGenerationState()
+    state = PatternGenerationState(step_mode)
     chat = PatternChatHandler(manager, state, max_in_flight)
     app = build_server(manager, chat, completion_handler=None, response_handler=None, transcription_handler=None,
                        systemone_handler=None, generation_state=state)  # fmt: skip
@@ -487,11 +491,12 @@ def build_app(served: dict[str, ServedModel], device: str = "cpu", dtype: str = 
 
 
 def serve(folders: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          dtype: str = "auto", max_in_flight: int = 64, log_level: str = "warning") -> None:  # fmt: skip
+          dtype: str = "auto", max_in_flight: int = 64, log_level: str = "warning",
+          step_mode: str | None = None) -> None:  # fmt: skip
     import uvicorn
 
     served = served_models(folders)
-    app = build_app(served, device=device, dtype=dtype, max_in_flight=max_in_flight)
+    app = build_app(served, device=device, dtype=dtype, max_in_flight=max_in_flight, step_mode=step_mode)
     print(f"serving {', '.join(f'{n} ({m.family})' for n, m in served.items())} on http://{host}:{port}/v1",
           flush=True)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level)
