@@ -30,6 +30,10 @@ def test_convert_with_verify_then_export_and_generate(llava_pair, tmp_path, caps
     assert main(["generate", str(out), "--image", str(image), "--prompt", "What is it?", "--max-new-tokens", "5"]) == 0
     answer = capsys.readouterr().out
     assert answer.strip()  # streamed to stdout
+    compiled = ["--decode", "compiled"]  # the compiled step, streamed: the same greedy answer
+    assert main(["generate", str(out), "--image", str(image), "--prompt", "What is it?", "--max-new-tokens", "5",
+                 *compiled]) == 0  # fmt: skip
+    assert capsys.readouterr().out == answer
 
     from vlm_patterns.inference import generate, load
 

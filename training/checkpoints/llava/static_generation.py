@@ -259,7 +259,7 @@ class StaticDecoder:
         self.unfinished.copy_(unfinished)
         self.is_eos.zero_()
         if eos is not None:
-            self.is_eos[eos] = True
+            self.is_eos[eos[eos < self.is_eos.shape[0]]] = True  # an id past the vocabulary is never generated
         self.min_new.fill_(min_new)
         self.pad.fill_(pad)
         self.token.copy_(sequences[:, -1:])
