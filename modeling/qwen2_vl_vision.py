@@ -10,6 +10,8 @@ Axes: I images (or videos), N patches of all images packed, D vision width, H he
 t/h/w the patch grid of one image, m the merge size.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,7 +79,7 @@ def block_diagonal_attention(module: nn.Module, q, k, v, lengths: list[int], con
         )  # fmt: skip
         return out[0]  # (N, H, d)
     outputs = [None] * len(lengths)
-    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    starts = [0, *itertools.accumulate(lengths)]
     by_length: dict[int, list[int]] = {}
     for i, length in enumerate(lengths):
         by_length.setdefault(length, []).append(i)
@@ -179,8 +181,21 @@ class Qwen2VLVisionTower(nn.Module):
         self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
         self.merger = PatchMerger(config)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """pixel_values (N, C*T*P*P) in the processor's patch order, grid_thw (I, 3) -> (N / m^2, D_text)."""
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, layout: tuple | None = None) -> torch.Tensor:
+        """pixel_values (N, C*T*P*P) in the processor's patch order, grid_thw (I, 3) -> (N / m^2, D_text).
+        `layout`: what `layout` returns for them, when the caller has it already."""
+        lengths, rotary = layout if layout is not None else self.layout(pixel_values, grid_thw)
+        hidden_states = self.patch_embed(pixel_values)  # (N, D)
+        for block in self.blocks:
+            hidden_states = block(hidden_states, rotary, lengths)
+        return self.merger(hidden_states)
+
+    # Read from the grids on the host; torch.compile (the static path's compiled prompt pass) runs it as it is
+    # and compiles the blocks around it.
+    @torch.compiler.disable
+    def layout(self, pixel_values: torch.Tensor, grid_thw) -> tuple[list[int], tuple[torch.Tensor, torch.Tensor]]:
+        """Checks the grids against the patches -> each image's patch count (attention stays within it) and the
+        patches' 2D rotary tables."""
         config = self.config
         if pixel_values.dim() != 2 or pixel_values.shape[1] != config.patch_dim:
             raise ValueError(
@@ -196,7 +211,4 @@ class Qwen2VLVisionTower(nn.Module):
         # Each temporal step of an image attends to itself only, as Qwen2-VL's cumulative lengths say.
         lengths = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
         rotary = self.rotary_pos_emb(vision_position_ids(grid_thw, config.spatial_merge_size).to(pixel_values.device))
-        hidden_states = self.patch_embed(pixel_values)  # (N, D)
-        for block in self.blocks:
-            hidden_states = block(hidden_states, rotary, lengths)
-        return self.merger(hidden_states)
+        return lengths, rotary

@@ -125,6 +125,39 @@ def test_the_compiled_step_gives_the_same_tokens(request, family):
         model.generate(**inputs, max_new_tokens=2, static_decode=True, step_mode="graph")  # CUDA only
 
 
+@pytest.mark.timeout(600)  # a compilation, then one more with symbolic lengths: tens of seconds each
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "fuyu", "flamingo"])
+def test_the_compiled_prompt_pass_gives_the_same_tokens(request, family):
+    """compile_prompt=True (the model's forward compiled for the prompt pass) on a left-padded batch with images,
+    then (LLaVA: one compilation more) on one prompt of another length, compiled again with symbolic lengths:
+    transformers' tokens. Bad inputs are still refused, now by checks that run inside the compiled code."""
+    model, processor = converted(request, family)
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in ["What is it?", "Where is the red thing in this picture?"]
+    ]
+    images = [[photo_like_image(64, 48, seed=5)], [photo_like_image(64, 48, seed=6)]]
+    batch = {k: v for k, v in dict(processor(images=images, text=prompts, padding_side="left")).items()
+             if k not in NOT_MODEL_INPUTS}  # fmt: skip
+    single = model_inputs(processor, [photo_like_image(64, 48, seed=3)], "Describe the picture in a few words.")
+    options = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    with torch.inference_mode():
+        for inputs in (batch, single) if family == "llava" else (batch,):
+            expected = model.generate(**inputs, **options)
+            ours = model.generate(**inputs, **options, static_decode=True, compile_prompt=True)
+            assert torch.equal(expected, ours), (expected.tolist(), ours.tolist())
+        pixels = next(k for k in batch if k.startswith("pixel_values"))
+        broken = {**batch, pixels: torch.full_like(batch[pixels], float("nan"))}
+        with pytest.raises(RuntimeError, match="NaN or infinite"):
+            model.generate(**broken, **options, static_decode=True, compile_prompt=True)
+        too_large = batch["input_ids"].clone()
+        too_large[0, -1] = model.config.text_config.vocab_size
+        with pytest.raises(ValueError, match="outside this model's vocabulary"):
+            model.generate(**{**batch, "input_ids": too_large}, **options, static_decode=True, compile_prompt=True)
+
+
 @pytest.mark.timeout(600)
 def test_compiled_steps_of_two_models_are_kept_apart(shipped):
     """Two models whose decoders have buffers of the same shapes (Qwen2-VL's projections have biases, Fuyu's do

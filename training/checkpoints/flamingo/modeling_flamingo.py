@@ -198,6 +198,9 @@ class FlamingoPatternModel(PatternModel, FlamingoPatternPreTrainedModel):
                 entry.store(keys, values)
         return media
 
+    # Follows the <image> tokens on the host (checks, each row's image state): a compiled prompt pass runs it as it is,
+    # in one piece, and compiles what comes before and after it.
+    @torch.compiler.disable
     def image_visibility(self, input_ids, inputs_embeds, pixel_values, image_mask, image_attention_mask, media,
                          cursor, past: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
         """The attention bias over the visual tokens (B, 1, T, I * N) and whether each token sees any image

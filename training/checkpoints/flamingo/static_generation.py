@@ -15,14 +15,17 @@ Axes: B batch, T prompt tokens, L buffer length (prompt + new tokens, rounded up
 Hkv key/value heads, d head dim.
 """
 
+import functools
 import threading
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import eager_attention
+from .input_checks import check_input_ids
 
 # Generation-config options the static path applies. Others with a non-default value send the call back to
 # transformers' `generate` with a clear error, never silently ignored.
@@ -135,24 +138,28 @@ def base_rotary_dim(model) -> int:
     return rotary.inv_freq.shape[0] * 2
 
 
-def compile_step(step):
-    """torch.compile of one decoder's step method, once per shape (dynamic=False), as one CUDA graph per shape.
+def compile_for_inference(function, dynamic: bool | None = False, **inductor_options):
+    """torch.compile of one model's inference function: a decoder's step (`dynamic=False`: once per shape, as one
+    CUDA graph per shape) or the model's prompt pass (`dynamic=None`: first for the shape it meets, then once with
+    symbolic lengths when another comes).
 
-    - Each decoder's compiled code is its own (isolate_recompiles). Otherwise every decoder would share the cache
-      of the method's code object: eight decoders would exhaust its recompile limit, and another model's code
-      could be looked up for this one.
+    - Each function's compiled code is its own (isolate_recompiles). Otherwise every decoder (every model) would
+      share the cache of the method's code object: eight of them would exhaust its recompile limit, and another
+      model's code could be looked up for this one.
     - Its guards on module attributes (training flags, hooks: a few hundred checks, 0.2-0.4 ms of a 2 ms step on a
       small CPU) are dropped: that code serves one model, in inference mode, and the tensors it reads, parameters
       included, are still checked at every call.
-    - inductor's `decompose_mm_pass` writes a one-row matrix product (batch 1: every projection of the step) as a
+    - inductor's `decompose_mm_pass` writes a one-row matrix product (batch 1: every projection of a step) as a
       fused multiply-and-sum in its own C++ instead of a call into the BLAS library, whose fixed cost per call
       is most of the time of such a product at these widths (0.5 ms of 22 calls per step, measured).
+    `inductor_options` add to these.
     """
     options = {
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
         "post_grad_fusion_options": {"decompose_mm_pass": {}},
+        **inductor_options,
     }
-    return torch.compile(step, dynamic=False, isolate_recompiles=True, options=options)
+    return torch.compile(function, dynamic=dynamic, isolate_recompiles=True, options=options)
 
 
 class StaticDecoder:
@@ -196,8 +203,8 @@ class StaticDecoder:
         self.pad = torch.zeros((), dtype=torch.long, device=self.device)
         self.mode = mode
         self.graph, self.logits = None, None
-        self.compiled_step = compile_step(self.forward_step) if mode == "compiled" else None
-        self.compiled_greedy_step = compile_step(self.greedy_step) if mode == "compiled" else None
+        self.compiled_step = compile_for_inference(self.forward_step) if mode == "compiled" else None
+        self.compiled_greedy_step = compile_for_inference(self.greedy_step) if mode == "compiled" else None
 
     def start(self, prefill, attention_mask: torch.Tensor | None) -> None:
         """Load a prefill's outputs: its keys and values, which prompt positions are real, where decoding
@@ -330,13 +337,32 @@ class DecoderPool:
 # The loop
 
 
+IGNORED_OPTIONS = SUPPORTED_OPTIONS | {
+    "transformers_version",
+    "static_decode",
+    "cache_implementation",
+    "length_penalty",
+}
+_NOT_SET = object()
+
+
+@functools.cache
+def default_options() -> dict:
+    """A default generation config's attributes: what an option is compared with to tell whether it was set."""
+    return dict(vars(GenerationConfig()))
+
+
 def unsupported_options(config) -> list[str]:
-    """The options of a generation config that the static path does not implement (empty: it runs it all)."""
-    ignored = SUPPORTED_OPTIONS | {"transformers_version", "static_decode", "cache_implementation", "length_penalty"}
+    """The options of a generation config that the static path does not implement (empty: it runs it all).
+    Read from the config's attributes against the defaults, as `to_diff_dict` would, without its deep copies
+    (a millisecond per call, on the path of every request)."""
+    defaults = default_options()
     # Falsy values are options switched off (output_scores=False, no_repeat_ngram_size=0, ...).
     unsupported = [
-        key for key, value in config.to_diff_dict().items() if key not in ignored and not key.startswith("_") and value
-    ]
+        key for key, value in vars(config).items()
+        if key not in IGNORED_OPTIONS and not key.startswith("_") and value
+        and (defaults.get(key, _NOT_SET) is _NOT_SET or value != defaults[key])
+    ]  # fmt: skip
     if config.num_beams not in (None, 1) or (config.num_return_sequences or 1) != 1:
         unsupported.append("num_beams/num_return_sequences")
     return sorted(unsupported)
@@ -368,13 +394,15 @@ def static_generate(
     tokenizer=None,
     generator: torch.Generator | None = None,
     step_mode: str | None = None,
+    compile_prompt: bool = False,
     check_every: int = 8,
 ) -> torch.Tensor:
     """Generate as transformers' `generate` would with `config` (greedy: the same tokens), on static buffers.
     Returns (B, T + new) token ids, prompt first; rows that finish early are padded with `pad_token_id`, and
     generation stops when every row has finished. Without a streamer or stop strings, "has every row finished"
     is read from the device only every `check_every` steps (the extra steps' tokens are dropped), so the step
-    loop does not wait on the host."""
+    loop does not wait on the host. With `compile_prompt`, the prompt pass runs compiled too (the model's
+    `compiled_prompt_pass`): the first token sooner, after a compilation per new kind of prompt."""
     check_options(config)
     input_ids = inputs.get("input_ids")
     if input_ids is None:
@@ -422,16 +450,17 @@ def static_generate(
     # graph, which captures the forward alone).
     greedy_inside = not sampling.do_sample and seen is None and stop_strings is None and step_mode != "graph"
     attention_mask = inputs.get("attention_mask")
-    prefill = model(**inputs, use_cache=True, logits_to_keep=1)
+    prompt_pass = model
+    if compile_prompt:
+        # Checked here, where the bad id can be named; compiled code checks it on the device without naming it.
+        check_input_ids(input_ids, model.config.text_config.vocab_size)
+        prompt_pass = model.compiled_prompt_pass()
+    prefill = prompt_pass(**inputs, use_cache=True, logits_to_keep=1)
     logits = prefill.logits[:, -1].float()
     pool = model.static_decoders()
     decoder = None
     done = 0
     try:
-        if new_tokens > 1:
-            decoder = pool.acquire(model, batch, length, step_mode)
-            decoder.start(prefill, attention_mask)
-        del prefill
         for step in range(new_tokens):
             scores = logits
             if eos is not None and step < min_new:
@@ -453,6 +482,10 @@ def static_generate(
                     break
             if done == new_tokens:
                 break
+            if decoder is None:  # once the first token is out: its latency does not include filling the buffers
+                decoder = pool.acquire(model, batch, length, step_mode)
+                decoder.start(prefill, attention_mask)
+                prefill = None
             if greedy_inside:
                 done = greedy_rest(decoder, sequences, prompt_length, done, new_tokens, unfinished, eos, pad,
                                    min_new, streamer, check_every)  # fmt: skip

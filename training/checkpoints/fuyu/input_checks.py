@@ -1,5 +1,7 @@
 """Checks on what a family's `forward` is given, made before any work, so that a wrong input is a clear error
-naming the problem instead of an index error deep inside, or, worse, a plausible answer computed from it."""
+naming the problem instead of an index error deep inside, or, worse, a plausible answer computed from it.
+Inside compiled code (the static path's compiled prompt pass) the checks on values run on the device as
+`torch._assert_async`: the same conditions, without reading the values back to the host."""
 
 import torch
 
@@ -12,6 +14,10 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids are empty (shape {tuple(input_ids.shape)}): a prompt needs at least one token")
+    if torch.compiler.is_compiling():  # compiled code checks on the device, without naming the id
+        in_range = ((input_ids >= 0) & (input_ids < vocab_size)).all()
+        torch._assert_async(in_range, f"Token ids must lie in this model's vocabulary of {vocab_size} ids")
+        return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
@@ -38,7 +44,9 @@ def check_pixel_values(pixel_values: torch.Tensor, name: str = "pixel_values") -
             f"{name} must be floating point, normalised by the processor; got {pixel_values.dtype}. Pass the images "
             "through the processor (or convert and normalise them yourself)"
         )
-    if not bool(torch.isfinite(pixel_values).all()):
+    if torch.compiler.is_compiling():  # on the device: compiled code does not read values back
+        torch._assert_async(torch.isfinite(pixel_values).all(), f"{name} hold NaN or infinite values")
+    elif not bool(torch.isfinite(pixel_values).all()):
         raise ValueError(f"{name} hold NaN or infinite values")
 
 

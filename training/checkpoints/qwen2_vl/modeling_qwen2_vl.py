@@ -16,7 +16,7 @@ from .configuration_qwen2_vl import Qwen2VLPatternConfig
 from .input_checks import check_attention_mask, check_grid, check_pixel_values
 from .pattern_model import PatternModel
 from .pattern_pretrained import PatternPreTrainedModel
-from .placeholders import scatter_placeholders
+from .placeholders import count_mismatch, scatter_placeholders
 from .qwen2_vl_vision import Qwen2VLVisionTower
 from .text_decoder import TextDecoder
 
@@ -165,28 +165,18 @@ class Qwen2VLPatternModel(PatternModel, Qwen2VLPatternPreTrainedModel):
         image_mask, video_mask = self.placeholder_masks(input_ids, inputs_embeds)
         past = cache.get_seq_length() if cache is not None else 0
         check_attention_mask(attention_mask, *inputs_embeds.shape[:2], past)  # before M-RoPE reads it
-
+        image_layout, video_layout, position_ids, rope_deltas = self.read_grids(
+            pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, image_mask, video_mask, attention_mask,
+            past, position_ids, rope_deltas,
+        )  # fmt: skip
         if pixel_values is not None:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values need image_grid_thw (the processor returns both)")
             check_pixel_values(pixel_values)
-            check_grid(image_grid_thw, pixel_values, self.config.vision_config.spatial_merge_size)
-            features = self.visual(pixel_values, image_grid_thw)  # (N / 4, D)
+            features = self.visual(pixel_values, image_grid_thw, image_layout)  # (N / 4, D)
             inputs_embeds = scatter_placeholders(inputs_embeds, image_mask, features, expansion_hint("image"))
         if pixel_values_videos is not None:
-            if video_grid_thw is None:
-                raise ValueError("pixel_values_videos need video_grid_thw (the processor returns both)")
             check_pixel_values(pixel_values_videos, "pixel_values_videos")
-            check_grid(video_grid_thw, pixel_values_videos, self.config.vision_config.spatial_merge_size, "video")
-            features = self.visual(pixel_values_videos, video_grid_thw)
+            features = self.visual(pixel_values_videos, video_grid_thw, video_layout)
             inputs_embeds = scatter_placeholders(inputs_embeds, video_mask, features, expansion_hint("video"))
-        if past == 0 and pixel_values is None and pixel_values_videos is None and bool((image_mask | video_mask).any()):
-            raise ValueError("The prompt has image or video placeholder tokens but no pixel values were given")
-
-        if position_ids is None:
-            position_ids, rope_deltas = self.positions(
-                image_mask, video_mask, image_grid_thw, video_grid_thw, attention_mask, past, rope_deltas
-            )
 
         hidden_states, cache, all_hidden_states = self.run_language_model(
             inputs_embeds, attention_mask, position_ids, cache, use_cache, output_hidden_states, **kwargs
@@ -199,6 +189,38 @@ class Qwen2VLPatternModel(PatternModel, Qwen2VLPatternPreTrainedModel):
         """M-RoPE after the prompt: text positions continue from the prompt's offset (`rope_deltas`), equal on all
         three axes, so plain 1D positions serve the decode steps."""
         return super().next_positions(prefill, attention_mask) + prefill.rope_deltas.view(-1).to(torch.long)
+
+    # Everything read from the grids on the host, in one call: torch.compile (the static path's compiled prompt
+    # pass) runs it as it is, and compiles what comes before and after it.
+    @torch.compiler.disable
+    def read_grids(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, image_mask, video_mask,
+                   attention_mask, past, position_ids, rope_deltas) -> tuple:  # fmt: skip
+        """The grids checked against the patches and the placeholders -> each input's vision layout (see
+        `Qwen2VLVisionTower.layout`) and the M-RoPE positions and offsets (as given, or computed)."""
+        merge_size = self.config.vision_config.spatial_merge_size
+        layouts = []
+        for what, pixels, grid, mask in (
+            ("image", pixel_values, image_grid_thw, image_mask),
+            ("video", pixel_values_videos, video_grid_thw, video_mask),
+        ):
+            if pixels is None:
+                layouts.append(None)
+                continue
+            name = "pixel_values" if what == "image" else "pixel_values_videos"
+            if grid is None:
+                raise ValueError(f"{name} need {what}_grid_thw (the processor returns both)")
+            check_grid(grid, pixels, merge_size, what)
+            layouts.append(self.visual.layout(pixels, grid))
+            tokens = int(grid.prod(-1).sum()) // merge_size**2
+            if int(mask.sum()) != tokens:
+                raise count_mismatch(int(mask.sum()), tokens, expansion_hint(what))
+        if past == 0 and pixel_values is None and pixel_values_videos is None and bool((image_mask | video_mask).any()):
+            raise ValueError("The prompt has image or video placeholder tokens but no pixel values were given")
+        if position_ids is None:
+            position_ids, rope_deltas = self.positions(
+                image_mask, video_mask, image_grid_thw, video_grid_thw, attention_mask, past, rope_deltas
+            )
+        return *layouts, position_ids, rope_deltas
 
     def positions(self, image_mask, video_mask, image_grid_thw, video_grid_thw, attention_mask, past, rope_deltas):
         """M-RoPE positions for this call when none were given: from the grids for a fresh prompt, or continued
