@@ -211,9 +211,9 @@ class Qwen2VLPatternModel(PatternModel, Qwen2VLPatternPreTrainedModel):
                 raise ValueError(f"{name} need {what}_grid_thw (the processor returns both)")
             check_grid(grid, pixels, merge_size, what)
             layouts.append(self.visual.layout(pixels, grid))
-            tokens = int(grid.prod(-1).sum()) // merge_size**2
-            if int(mask.sum()) != tokens:
-                raise count_mismatch(int(mask.sum()), tokens, expansion_hint(what))
+            tokens, placeholders = int(grid.prod(-1).sum()) // merge_size**2, int(mask.sum())
+            if placeholders != tokens:
+                raise count_mismatch(placeholders, tokens, expansion_hint(what))
         if past == 0 and pixel_values is None and pixel_values_videos is None and bool((image_mask | video_mask).any()):
             raise ValueError("The prompt has image or video placeholder tokens but no pixel values were given")
         if position_ids is None:
