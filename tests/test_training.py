@@ -1,6 +1,7 @@
 """The synthetic task, its tokenizer, the collator, the training recipe (freezing, LoRA, accelerate) and evaluation."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,23 +191,58 @@ def test_accelerate_launch_runs_the_recipe(tmp_path):
 
 
 def test_trainer_arguments_pass_through_and_resume(tmp_path):
-    """transformers' own flags reach TrainingArguments; checkpoints are saved under OUTPUT/trainer and resumed."""
+    """transformers' own flags reach TrainingArguments; checkpoints are saved under OUTPUT/trainer, and a run
+    resumed from one ends with the very weights of the run that was not stopped (the stream continues at the
+    checkpoint's step, the optimizer and schedule where they were); its log holds both runs."""
+    from safetensors.torch import load_file
+
     from vlm_patterns.training.train import training_arguments
 
-    options = TrainOptions(family="fuyu", output=str(tmp_path / "fuyu"), steps=4, batch_size=4, eval_every=4,
+    options = TrainOptions(family="fuyu", output=str(tmp_path / "fuyu"), steps=4, batch_size=4, eval_every=2,
                            eval_examples=8, trainer_args=("--gradient_accumulation_steps", "2", "--save_strategy",
                            "steps", "--save_steps", "2", "--gradient_checkpointing", "--learning_rate", "1e-3"))  # fmt: skip
     args = training_arguments(options, Path(options.output))
     assert args.gradient_accumulation_steps == 2 and args.save_steps == 2 and args.learning_rate == 1e-3
     assert args.max_steps == 4 and args.per_device_train_batch_size == 4  # the recipe's own options still apply
     assert Path(args.output_dir) == Path(options.output) / "trainer"
-    train(options)
-    saved = sorted(p.name for p in (Path(options.output) / "trainer").iterdir())
-    assert saved == ["checkpoint-2", "checkpoint-4"]
-    resumed = TrainOptions(**{**vars(options), "steps": 6, "trainer_args": options.trainer_args + (
-        "--resume_from_checkpoint", str(Path(options.output) / "trainer" / "checkpoint-4"))})  # fmt: skip
-    log = train(resumed)
-    assert log["loss_curve"] and "checkpoint-6" in [p.name for p in (Path(options.output) / "trainer").iterdir()]
+    uninterrupted = train(options)
+    trainer_folder = Path(options.output) / "trainer"
+    assert sorted(p.name for p in trainer_folder.iterdir()) == ["checkpoint-2", "checkpoint-4", "runs.json"]
+    expected = load_file(Path(options.output) / "model.safetensors")
+
+    shutil.rmtree(trainer_folder / "checkpoint-4")  # as if the first run had stopped after step 2
+    resumed = train(TrainOptions(**{**vars(options), "resume": True}))
+    weights = load_file(Path(options.output) / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert [p["step"] for p in resumed["held_out_curve"]] == [2, 4]
+    assert resumed["held_out_curve"] == uninterrupted["held_out_curve"]
+    assert [(r["from_step"], r["to_step"]) for r in resumed["runs"]] == [(0, 2), (2, 4)]
+    assert resumed["seconds"] == pytest.approx(sum(r["seconds"] for r in resumed["runs"]), abs=0.1)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        training_arguments(TrainOptions(family="fuyu", output=str(tmp_path / "other"), resume=True), tmp_path)
+
+
+def test_the_training_stream_is_the_same_with_any_number_of_workers():
+    """Worker w of n draws batches w, w + n, ...: no example twice, none skipped, in the order of one process;
+    a stream started at batch b begins with what the whole stream holds there."""
+    from torch.utils.data import DataLoader
+
+    from vlm_patterns.training.train import SyntheticStream
+
+    def questions(workers: int, start_batch: int = 0) -> list[str]:
+        stream = SyntheticStream(seed=0, multi_image=True, batch_size=3)
+        stream.start_batch = start_batch
+        loader = DataLoader(stream, batch_size=3, num_workers=workers, collate_fn=lambda batch: batch)
+        drawn = []
+        for batch in loader:
+            drawn += [f"{e['question']} {e['answer']} {np.asarray(e['images'][0]).sum()}" for e in batch]
+            if len(drawn) == 18:
+                return drawn
+
+    alone = questions(0)
+    assert questions(2) == alone and questions(3) == alone
+    assert questions(2, start_batch=2)[:12] == alone[6:]
 
 
 def test_every_family_of_the_registry_has_a_training_recipe():

@@ -30,6 +30,8 @@ class TrainOptions:
     # Question kinds to train and check on; empty: every kind the family reads.
     kinds: tuple[str, ...] = ()
     report_to: str = "none"
+    # Continue from the latest Trainer checkpoint under OUTPUT/trainer (a run stopped, e.g. at the end of a session).
+    resume: bool = False
     # Any other `TrainingArguments` (bf16, gradient accumulation, gradient checkpointing, checkpoint saving,
     # resume_from_checkpoint, push_to_hub, ...), as command-line flags in transformers' own spelling.
     trainer_args: tuple[str, ...] = ()
@@ -72,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train and check on these question kinds only (color, shape, count, position, read, "
                              "compare; default: every kind the family reads)")  # fmt: skip
     parser.add_argument("--report-to", default=defaults.report_to, help="Trainer loggers: none, tensorboard, ...")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint under OUTPUT/trainer (saved with --save_strategy "
+                             "steps --save_steps N); give the same options as the run it continues")  # fmt: skip
     parser.epilog = (
         "Any other transformers TrainingArguments flag passes through in transformers' spelling, e.g. --bf16, "
         "--gradient_accumulation_steps 4, --gradient_checkpointing, --save_strategy steps --save_steps 500, "

@@ -13,6 +13,7 @@ they are merged into the saved checkpoint, and also saved on their own under `ad
 import argparse
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -30,16 +31,41 @@ LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.
 
 
 class SyntheticStream(IterableDataset):
-    """An endless stream of training examples (dicts), each drawn from its own seed."""
+    """An endless stream of training examples (dicts), each drawn from its own seed, in batches of `batch_size`.
 
-    def __init__(self, seed: int, multi_image: bool, kinds: tuple[str, ...] | None = None):
-        self.seed, self.kinds = seed, kinds_for(multi_image, kinds)
+    The stream is the same whatever the number of DataLoader workers: worker w of n draws batches w, w + n, ...,
+    and the DataLoader hands them out in that order. `start_batch` skips batches without drawing them, so a resumed
+    run reads on where the interrupted one stopped at no cost (Trainer's own skip would draw and discard them)."""
+
+    def __init__(self, seed: int, multi_image: bool, kinds: tuple[str, ...] | None = None, batch_size: int = 1):
+        self.seed, self.kinds, self.batch_size = seed, kinds_for(multi_image, kinds), batch_size
+        self.start_batch = 0
 
     def __iter__(self):
-        index = 0
+        worker = torch.utils.data.get_worker_info()
+        first, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        if worker is not None:
+            torch.set_num_threads(1)  # the processors' tensor work would contend with the training process's threads
+        batch = self.start_batch + first
         while True:
-            yield vars(make_example(training_seed(index, self.seed), self.kinds))
-            index += 1
+            for index in range(batch * self.batch_size, (batch + 1) * self.batch_size):
+                yield vars(make_example(training_seed(index, self.seed), self.kinds))
+            batch += stride
+
+
+class ResumeStream:
+    """On a resumed run, start the stream at the first batch the checkpoint has not trained on."""
+
+    def __init__(self, stream: SyntheticStream):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                # Trainer skips batches itself unless told not to (the recipe tells it; a user may not).
+                consumed = state.global_step * args.gradient_accumulation_steps * args.world_size
+                stream.start_batch = consumed if args.ignore_data_skip else 0
+
+        self.callback = Callback()
 
 
 def apply_freezing(model, strategy: str) -> int:
@@ -68,21 +94,30 @@ def add_lora(model, rank: int):
 
 
 class HeldOutCurve:
-    """Held-out accuracy every `every` steps: the learning curve `vlm-patterns compare` plots."""
+    """Held-out accuracy every `every` steps: the learning curve `vlm-patterns compare` plots. Each point goes into
+    the Trainer's log history, which its checkpoints keep, so a resumed run continues the curve."""
 
     def __init__(self, processor, batch_size: int, every: int, num_examples: int, multi_image: bool,
                  kinds: tuple[str, ...] | None = None):  # fmt: skip
         from transformers import TrainerCallback
 
-        self.points, outer = [], self
+        outer = self
         self.data = [vars(e) for e in examples("held_out", num_examples, seed=0, multi_image=multi_image, kinds=kinds)]
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 if state.global_step % every == 0 or state.global_step == state.max_steps:
-                    outer.measure(model, processor, state.global_step, batch_size)
+                    accuracy = outer.measure(model, processor, state.global_step, batch_size)
+                    per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+                    state.log_history.append(dict(step=state.global_step, examples=state.global_step * per_step,
+                                                  held_out_accuracy=accuracy))  # fmt: skip
 
         self.callback = Callback()
+
+    @staticmethod
+    def points(log_history: list[dict]) -> list[dict]:
+        return [dict(step=e["step"], examples=e["examples"], accuracy=e["held_out_accuracy"])
+                for e in log_history if "held_out_accuracy" in e]  # fmt: skip
 
     def measure(self, model, processor, step: int, batch_size: int) -> float:
         from .evaluate import answer
@@ -95,9 +130,50 @@ class HeldOutCurve:
             right += sum(p == e["answer"] for p, e in zip(answer(model, processor, batch), batch, strict=True))
         model.train(was_training)
         accuracy = right / len(self.data)
-        self.points.append(dict(step=step, examples=step * batch_size, accuracy=accuracy))
         print(f"step {step}: held-out accuracy {100 * accuracy:.1f}% ({len(self.data)} questions)", flush=True)
         return accuracy
+
+
+class TrainingTime:
+    """Wall time per run, written beside the Trainer's checkpoints at every save, so that a model trained over
+    several resumed runs reports its whole training time (the time after a run's last checkpoint is lost work)."""
+
+    def __init__(self, folder: Path):
+        from transformers import TrainerCallback
+
+        self.path, self.started, self.first_step, outer = folder / "runs.json", time.time(), None, self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                outer.first_step = state.global_step
+
+            def on_save(self, args, state, control, **kwargs):
+                outer.record(state.global_step)
+
+        self.callback = Callback()
+
+    def earlier_runs(self) -> list[dict]:
+        """The runs whose checkpoints this one continues. A run that went past the checkpoint resumed from (an
+        older one was chosen) counts pro rata, up to that checkpoint."""
+        start = self.first_step or 0
+        runs = json.loads(self.path.read_text()) if self.path.exists() else []
+        earlier = []
+        for run in runs:
+            if run["started"] == self.started or run["from_step"] >= start:
+                continue
+            if run["to_step"] > start:
+                share = (start - run["from_step"]) / (run["to_step"] - run["from_step"])
+                run = dict(run, to_step=start, seconds=round(run["seconds"] * share, 1))
+            earlier.append(run)
+        return earlier
+
+    def record(self, step: int) -> list[dict]:
+        """This run up to `step`, after the earlier runs it continues; written when the folder exists."""
+        runs = self.earlier_runs() + [dict(started=self.started, from_step=self.first_step or 0, to_step=step,
+                                           seconds=round(time.time() - self.started, 1))]  # fmt: skip
+        if self.path.parent.is_dir():
+            self.path.write_text(json.dumps(runs, indent=2))
+        return runs
 
 
 def build_model_and_processor(options: TrainOptions):
@@ -148,19 +224,20 @@ def train(options: TrainOptions) -> dict:
     # Unless checkpoints are saved or resumed from, the Trainer's own files go to a scratch folder, removed after.
     scratch = tempfile.mkdtemp(prefix="vlm-patterns-trainer-")
     args = training_arguments(options, output, scratch)
+    stream = SyntheticStream(options.seed, multi_image, kinds, batch_size=args.train_batch_size)
+    timing = TrainingTime(Path(args.output_dir))
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=SyntheticStream(options.seed, multi_image, kinds),
+        train_dataset=stream,
         data_collator=VQACollator(processor),
-        callbacks=[curve.callback],
+        callbacks=[curve.callback, ResumeStream(stream).callback, timing.callback],
     )
-    started = time.time()
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        runs = [{k: v for k, v in run.items() if k != "started"} for run in timing.record(trainer.state.global_step)]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    seconds = time.time() - started
     if not trainer.is_world_process_zero():
         return {}
     model = trainer.model
@@ -183,10 +260,11 @@ def train(options: TrainOptions) -> dict:
     recorded["trainer_args"] = [Path(a).name if Path(a).is_absolute() else a for a in options.trainer_args]
     log = dict(
         options=recorded,
-        seconds=round(seconds, 1),
+        seconds=round(sum(run["seconds"] for run in runs), 1),
+        runs=runs,
         trainable_parameters=trainable,
         parameters=total,
-        held_out_curve=curve.points,
+        held_out_curve=HeldOutCurve.points(trainer.state.log_history),
         loss_curve=[dict(step=e["step"], loss=e["loss"]) for e in trainer.state.log_history if "loss" in e],
     )
     (output / "training_log.json").write_text(json.dumps(log, indent=2))
@@ -229,17 +307,36 @@ def training_arguments(options: TrainOptions, output: Path, scratch: str | None 
         save_strategy="no",
         report_to=options.report_to,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        # Drawing and processing examples takes a quarter of a CPU step; beside a GPU, worker processes draw them
+        # in parallel. On a CPU they compete with the step's own threads: one worker on 2 cores cut 1.8 steps/s
+        # to 1.4.
+        dataloader_num_workers=min(8, (os.cpu_count() or 1) - 1) if torch.cuda.is_available() else 0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        ignore_data_skip=True,  # the stream starts at the resumed step itself (`ResumeStream`)
         seed=options.seed,
         disable_tqdm=False,
     )
     merged = {**recipe, **given}
+    if options.resume:
+        if merged.get("resume_from_checkpoint"):
+            raise ValueError("give --resume or --resume_from_checkpoint, not both")
+        merged["resume_from_checkpoint"] = latest_checkpoint(Path(merged["output_dir"] or output / "trainer"))
     if merged["output_dir"] is None and (merged["save_strategy"] != "no" or merged.get("resume_from_checkpoint")):
         merged["output_dir"] = str(output / "trainer")
     elif merged["output_dir"] is None:
         merged["output_dir"] = scratch
     return TrainingArguments(**merged)
+
+
+def latest_checkpoint(folder: Path) -> str:
+    """The Trainer checkpoint of the most steps in `folder` (what `--resume` continues from)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if found is None:
+        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {folder}; save them with --save_strategy steps "
+                                "--save_steps N")  # fmt: skip
+    return found
 
 
 def strip_code(folder: Path) -> None:
