@@ -1,6 +1,7 @@
 """The synthetic task, its tokenizer, the collator, the training recipe (freezing, LoRA, accelerate) and evaluation."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -243,6 +244,41 @@ def test_the_training_stream_is_the_same_with_any_number_of_workers():
     alone = questions(0)
     assert questions(2) == alone and questions(3) == alone
     assert questions(2, start_batch=2)[:12] == alone[6:]
+
+
+def test_the_language_model_size_is_an_option(tmp_path):
+    """--text-width and --text-layers size every family's language model alike (heads of 32, an MLP twice as
+    wide); a fine-tune keeps its checkpoint's size."""
+    from vlm_patterns.training.recipes import text_size
+
+    for family in ("qwen2_vl", "flamingo"):  # M-RoPE sections and one gated block per layer follow the size
+        config = build_model(family, build_vqa_tokenizer(family), text=text_size(96, 2)).config
+        assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (96, 2)
+        assert (config.text_config.num_attention_heads, config.text_config.intermediate_size) == (3, 192)
+    options = TrainOptions(family="fuyu", output=str(tmp_path / "fuyu"), steps=2, batch_size=4, eval_every=2,
+                           eval_examples=4, text_width=64, text_layers=2)  # fmt: skip
+    train(options)
+    text = json.loads((tmp_path / "fuyu" / "config.json").read_text())["text_config"]
+    assert (text["hidden_size"], text["num_hidden_layers"]) == (64, 2)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        text_size(100, 3)
+    with pytest.raises(ValueError, match="--from keeps"):
+        train(TrainOptions(family="fuyu", output=str(tmp_path / "again"), init_from=options.output, text_layers=4))
+
+
+def test_the_gpu_training_script_runs_end_to_end(tmp_path):
+    """training/gpu.sh, dry-run on this machine: trains, keeps the latest Trainer checkpoint, evaluates (the
+    Space's evaluation.json) and writes the comparison."""
+    script = Path(__file__).parents[1] / "training" / "gpu.sh"
+    env = dict(os.environ, OUT=str(tmp_path), STEPS="2", SAVE_STEPS="1", EVAL_EXAMPLES="8", TEXT_WIDTH="64",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+    result = subprocess.run(["bash", str(script), "fuyu"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "language model 64 wide x 3 layers" in result.stdout and "fuyu: trained" in result.stdout
+    folder = tmp_path / "fuyu"
+    assert [p.name for p in (folder / "trainer").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert json.loads((folder / "evaluation.json").read_text())["examples"] == 8
+    assert "| fuyu |" in (tmp_path / "comparison" / "comparison.md").read_text()
 
 
 def test_every_family_of_the_registry_has_a_training_recipe():

@@ -23,6 +23,9 @@ class TrainOptions:
     lora: bool = False
     lora_rank: int = 16
     gate_init: float = 0.5
+    # The language model's size, the same for every family so that they stay comparable (from scratch only).
+    text_width: int = 128
+    text_layers: int = 3
     without_code: bool = False
     seed: int = 0
     eval_every: int = 500
@@ -57,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="with --lora (default: %(default)s)")
     parser.add_argument("--gate-init", type=float, default=defaults.gate_init,
                         help="flamingo from scratch: the gates' starting alpha; 0 keeps them closed (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--text-width", type=int, default=defaults.text_width,
+                        help="from scratch: the language model's width, a multiple of 32 (heads of 32, an MLP twice "
+                             "as wide; default: %(default)s)")  # fmt: skip
+    parser.add_argument("--text-layers", type=int, default=defaults.text_layers,
+                        help="from scratch: the language model's layers (default: %(default)s)")  # fmt: skip
     parser.add_argument("--without-code", action="store_true",
                         help="no code files for trust_remote_code (checkpoints kept inside this repository)")  # fmt: skip
     parser.add_argument(

@@ -177,9 +177,13 @@ class TrainingTime:
 
 
 def build_model_and_processor(options: TrainOptions):
-    from .recipes import build_model, build_processor
+    from .recipes import build_model, build_processor, text_size
     from .vqa_tokenizer import build_vqa_tokenizer
 
+    defaults = TrainOptions(family=options.family, output=options.output)
+    sized = (options.text_width, options.text_layers) != (defaults.text_width, defaults.text_layers)
+    if options.init_from and sized:
+        raise ValueError("--text-width and --text-layers size a new model; --from keeps its checkpoint's size")
     if options.init_from:
         from .evaluate import load_checkpoint
 
@@ -188,7 +192,7 @@ def build_model_and_processor(options: TrainOptions):
             raise ValueError(f"{options.init_from} is a {family} checkpoint, not {options.family}")
         return model, processor
     tokenizer = build_vqa_tokenizer(options.family)
-    model = build_model(options.family, tokenizer, options.seed)
+    model = build_model(options.family, tokenizer, options.seed, text_size(options.text_width, options.text_layers))
     if hasattr(model.model, "gated_cross_attn_layers"):
         # Flamingo closes its gates (alpha = 0) to keep a pretrained language model intact at the start. From
         # scratch there is nothing to keep, and closed gates stall learning: the cross-attention gets no gradient

@@ -10,10 +10,10 @@ TOKENS = dict(bos="<s>", eos="|ENDOFTEXT|", pad="<pad>")
 PROCESSOR_PLACES_BOS = True  # the tokenizer must not add it again
 
 
-def config(tokenizer) -> FuyuPatternConfig:
+def config(tokenizer, text: dict) -> FuyuPatternConfig:
     ids = tokenizer.convert_tokens_to_ids
     return FuyuPatternConfig(
-        text_config=text_config(tokenizer), patch_size=16, image_token_id=ids("|SPEAKER|"),
+        text_config=text_config(tokenizer, text), patch_size=16, image_token_id=ids("|SPEAKER|"),
         image_newline_token_id=ids("|NEWLINE|"), tie_word_embeddings=False,
     )  # fmt: skip
 

@@ -8,9 +8,9 @@ from . import VISION, text_config
 TOKENS = dict(bos="<s>", eos="</s>", pad="<pad>")
 
 
-def config(tokenizer) -> LlavaPatternConfig:
+def config(tokenizer, text: dict) -> LlavaPatternConfig:
     return LlavaPatternConfig(
-        vision_config=VISION, text_config=text_config(tokenizer), vision_feature_layer=-1,
+        vision_config=VISION, text_config=text_config(tokenizer, text), vision_feature_layer=-1,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
     )  # fmt: skip
 

@@ -4,18 +4,18 @@ from vlm_patterns.modeling import Qwen2VLPatternConfig
 from vlm_patterns.processing import Qwen2VLPatternImageProcessor, Qwen2VLPatternProcessor
 
 from ..synthetic_vqa import MAX_SIDE
-from . import TEXT, text_config
+from . import text_config
 
 TOKENS = dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>")  # Qwen2-VL adds no BOS
 
 
-def config(tokenizer) -> Qwen2VLPatternConfig:
+def config(tokenizer, text: dict) -> Qwen2VLPatternConfig:
     ids = tokenizer.convert_tokens_to_ids
-    head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
     return Qwen2VLPatternConfig(
         vision_config=dict(depth=3, embed_dim=96, num_heads=4, mlp_ratio=2.0, hidden_act="gelu",
-                           out_hidden_size=TEXT["hidden_size"]),
-        text_config=text_config(tokenizer, qkv_bias=True, rope_theta=10000.0,
+                           out_hidden_size=text["hidden_size"]),
+        text_config=text_config(tokenizer, text, qkv_bias=True, rope_theta=10000.0,
                                 mrope_section=[head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
