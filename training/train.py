@@ -97,7 +97,7 @@ class HeldOutCurve:
     """Held-out accuracy every `every` steps: the learning curve `vlm-patterns compare` plots. Each point goes into
     the Trainer's log history, which its checkpoints keep, so a resumed run continues the curve."""
 
-    def __init__(self, processor, batch_size: int, every: int, num_examples: int, multi_image: bool,
+    def __init__(self, processor, every: int, num_examples: int, multi_image: bool,
                  kinds: tuple[str, ...] | None = None):  # fmt: skip
         from transformers import TrainerCallback
 
@@ -107,7 +107,7 @@ class HeldOutCurve:
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 if state.global_step % every == 0 or state.global_step == state.max_steps:
-                    accuracy = outer.measure(model, processor, state.global_step, batch_size)
+                    accuracy = outer.measure(model, processor, state.global_step)
                     per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
                     state.log_history.append(dict(step=state.global_step, examples=state.global_step * per_step,
                                                   held_out_accuracy=accuracy))  # fmt: skip
@@ -119,7 +119,7 @@ class HeldOutCurve:
         return [dict(step=e["step"], examples=e["examples"], accuracy=e["held_out_accuracy"])
                 for e in log_history if "held_out_accuracy" in e]  # fmt: skip
 
-    def measure(self, model, processor, step: int, batch_size: int) -> float:
+    def measure(self, model, processor, step: int) -> float:
         from .evaluate import answer
 
         was_training = model.training
@@ -148,7 +148,8 @@ class TrainingTime:
                 outer.first_step = state.global_step
 
             def on_save(self, args, state, control, **kwargs):
-                outer.record(state.global_step)
+                if state.is_world_process_zero:
+                    outer.record(state.global_step)
 
         self.callback = Callback()
 
@@ -223,8 +224,7 @@ def train(options: TrainOptions) -> dict:
     print(f"{options.family}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train", flush=True)
 
     output = Path(options.output)
-    curve = HeldOutCurve(processor, options.batch_size, options.eval_every, options.eval_examples,
-                         multi_image, kinds)  # fmt: skip
+    curve = HeldOutCurve(processor, options.eval_every, options.eval_examples, multi_image, kinds)
     # Unless checkpoints are saved or resumed from, the Trainer's own files go to a scratch folder, removed after.
     scratch = tempfile.mkdtemp(prefix="vlm-patterns-trainer-")
     args = training_arguments(options, output, scratch)
