@@ -160,7 +160,7 @@ class TrainingTime:
         runs = json.loads(self.path.read_text()) if self.path.exists() else []
         earlier = []
         for run in runs:
-            if run["started"] == self.started or run["from_step"] >= start:
+            if run["from_step"] >= start:  # this run's own record, or one it replaces
                 continue
             if run["to_step"] > start:
                 share = (start - run["from_step"]) / (run["to_step"] - run["from_step"])
@@ -170,7 +170,7 @@ class TrainingTime:
 
     def record(self, step: int) -> list[dict]:
         """This run up to `step`, after the earlier runs it continues; written when the folder exists."""
-        runs = self.earlier_runs() + [dict(started=self.started, from_step=self.first_step or 0, to_step=step,
+        runs = self.earlier_runs() + [dict(from_step=self.first_step or 0, to_step=step,
                                            seconds=round(time.time() - self.started, 1))]  # fmt: skip
         if self.path.parent.is_dir():
             self.path.write_text(json.dumps(runs, indent=2))
@@ -239,7 +239,7 @@ def train(options: TrainOptions) -> dict:
     )
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        runs = [{k: v for k, v in run.items() if k != "started"} for run in timing.record(trainer.state.global_step)]
+        runs = timing.record(trainer.state.global_step)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if not trainer.is_world_process_zero():
