@@ -26,7 +26,7 @@ from .input_checks import check_image_mask, check_pixel_values
 from .pattern_model import ModelOutputWithImages, PatternModel
 from .pattern_pretrained import PatternPreTrainedModel
 from .perceiver_resampler import PerceiverResampler
-from .text_decoder import TextDecoder
+from .text_decoder import TextDecoder, only_last_position
 from .vision_transformer import VisionTransformer
 
 
@@ -168,14 +168,20 @@ class FlamingoPatternModel(PatternModel, FlamingoPatternPreTrainedModel):
         """The decoder layers over hidden states (B, T, D), each chosen one preceded by its gated block;
         `image_context`: (each block's media keys/values or None, the bias over visual tokens, who sees an image)."""
         media, bias, sees_any = image_context or (None, None, None)
-        for i, layer in enumerate(self.language_model.layers):
+        trim = only_last_position(kwargs, mask, all_hidden_states is not None, hidden_states.shape[1])
+        layers = self.language_model.layers
+        for i, layer in enumerate(layers):
             if i in self.block_before_layer:
                 k = self.block_before_layer[i]
+                # Before the last layer too on every token: its keys and values are read from this block's output.
                 hidden_states = self.gated_cross_attn_layers[k](
                     hidden_states, media[k] if media else None, bias, sees_any
                 )
             # The cache goes by keyword (see TextDecoder.forward).
-            hidden_states = layer(hidden_states, position_embeddings, mask, cache=cache, **kwargs)
+            last = trim and i == len(layers) - 1
+            hidden_states = layer(
+                hidden_states, position_embeddings, mask, cache=cache, last_position_only=last, **kwargs
+            )
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
         return hidden_states

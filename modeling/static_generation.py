@@ -284,7 +284,8 @@ class StaticDecoder:
         self.token.copy_(tokens.view(self.batch, 1))
         self.produced.add_(1)
 
-    def step_greedy(self) -> None:
+    def advance_greedy(self) -> None:
+        """One greedy step: the compiled one when this decoder has it, else `greedy_step` as written."""
         (self.compiled_greedy_step or self.greedy_step)()
 
     def capture(self) -> None:
@@ -507,7 +508,7 @@ def greedy_rest(decoder: StaticDecoder, sequences, prompt_length: int, done: int
     `sequences` and returns how many tokens the answer has now."""
     decoder.start_greedy(sequences[:, prompt_length : prompt_length + done], unfinished, eos, pad, min_new)
     while done < new_tokens:
-        decoder.step_greedy()
+        decoder.advance_greedy()
         done += 1
         if streamer is not None:
             streamer.put(decoder.token.view(-1).cpu())

@@ -184,6 +184,44 @@ def test_shipped_checkpoints_answer_the_same_through_both_paths(shipped, family)
         same_tokens(model, model_inputs(processor, example.images[:1], example.question), max_new_tokens=8)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "fuyu", "flamingo"])
+def test_the_prompt_pass_runs_the_last_layer_for_the_last_token_only(shipped, family):
+    """With one position's logits kept (generation's prompt pass), the last layer's MLP runs on one position per
+    row and every earlier layer on all of them; the logits are the full pass's up to float rounding (matrix products
+    of one row and of many round differently), and the cache holds every token's keys and values."""
+    from vlm_patterns.training.evaluate import collate_prompts
+    from vlm_patterns.training.synthetic_vqa import examples
+
+    model, processor = shipped[family]
+    batch = [vars(e) for e in examples("held_out", 4, seed=11, multi_image=family != "fuyu")]
+    inputs = collate_prompts(processor, batch)
+    layers = model.model.language_model.layers
+    positions = {}
+    hooks = [layer.mlp.register_forward_hook(lambda module, args, out, i=i: positions.__setitem__(i, args[0].shape[1]))
+             for i, layer in enumerate(layers)]  # fmt: skip
+    try:
+        with torch.inference_mode():
+            kept = model(**inputs, use_cache=True, logits_to_keep=1)
+            trimmed = dict(positions)
+            full = model(**inputs, use_cache=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    length = inputs["input_ids"].shape[1]
+    assert trimmed == {**{i: length for i in range(len(layers) - 1)}, len(layers) - 1: 1}
+    assert positions == {i: length for i in range(len(layers))}  # the full pass, after
+    assert kept.logits.shape[1] == 1
+    torch.testing.assert_close(kept.logits[:, -1], full.logits[:, -1], rtol=0, atol=1e-5)
+    assert torch.equal(kept.logits[:, -1].argmax(-1), full.logits[:, -1].argmax(-1))
+    last = len(layers) - 1
+    for cache in (kept.cache, full.cache):
+        assert cache.layers[last].keys.shape[-2] == length
+    assert torch.equal(kept.cache.layers[last].keys, full.cache.layers[last].keys)
+    with torch.inference_mode():  # all hidden states asked for: every layer on every position
+        with_states = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+    assert with_states.hidden_states[-1].shape[1] == length
+
+
 def test_llava_static_tokens_match_transformers_own_class(llava_pair):
     from transformers import LlavaForConditionalGeneration
 

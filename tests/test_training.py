@@ -246,6 +246,27 @@ def test_the_training_stream_is_the_same_with_any_number_of_workers():
     assert questions(2, start_batch=2)[:12] == alone[6:]
 
 
+def test_two_image_questions_come_in_batches_of_their_own():
+    """A two-image question would pad its whole batch to two images' length: those questions fill every sixth batch
+    alone, the one-image kinds share the rest, and every kind keeps its sixth of the stream."""
+    from collections import Counter
+
+    from vlm_patterns.training.train import SyntheticStream
+
+    stream = SyntheticStream(seed=0, multi_image=True, batch_size=8)
+    drawn = iter(stream)
+    batches = [[next(drawn) for _ in range(8)] for _ in range(36)]
+    image_counts = [{len(e["images"]) for e in batch} for batch in batches]
+    assert image_counts == ([{1}] * 5 + [{2}]) * 6
+    shares = Counter(e["kind"] for batch in batches for e in batch)
+    assert set(shares) == set(KINDS) and shares["compare"] == 8 * 6
+    assert all(30 <= shares[kind] <= 66 for kind in KINDS), shares  # 48 each on average among the 240 one-image ones
+    alone = SyntheticStream(seed=0, multi_image=False, batch_size=8)  # one image per prompt: mixed batches, as before
+    assert alone.batch_kinds(5) == alone.kinds == tuple(KINDS[:-1])
+    only = SyntheticStream(seed=0, multi_image=True, kinds=("compare", "count"), batch_size=8)
+    assert [only.batch_kinds(b) for b in range(4)] == [("count",), ("compare",), ("count",), ("compare",)]
+
+
 def test_the_language_model_size_is_an_option(tmp_path):
     """--text-width and --text-layers size every family's language model alike (heads of 32, an MLP twice as
     wide); a fine-tune keeps its checkpoint's size."""
@@ -266,19 +287,34 @@ def test_the_language_model_size_is_an_option(tmp_path):
         train(TrainOptions(family="fuyu", output=str(tmp_path / "again"), init_from=options.output, text_layers=4))
 
 
-def test_the_gpu_training_script_runs_end_to_end(tmp_path):
-    """training/gpu.sh, dry-run on this machine: trains, keeps the latest Trainer checkpoint, evaluates (the
-    Space's evaluation.json) and writes the comparison."""
-    script = Path(__file__).parents[1] / "training" / "gpu.sh"
+def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
+    """training/retrain.sh, dry-run on this machine (one family after another, as on any CPU): trains, keeps the
+    latest Trainer checkpoint, evaluates (the Space's evaluation.json) and writes the comparison; called again it
+    leaves a finished family alone, and resumes one whose run was cut short."""
+    script = Path(__file__).parents[1] / "training" / "retrain.sh"
     env = dict(os.environ, OUT=str(tmp_path), STEPS="2", SAVE_STEPS="1", EVAL_EXAMPLES="8", TEXT_WIDTH="64",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
-    result = subprocess.run(["bash", str(script), "fuyu"], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "language model 64 wide x 3 layers" in result.stdout and "fuyu: trained" in result.stdout
+
+    def call() -> str:
+        result = subprocess.run(["bash", str(script), "fuyu"], capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return result.stdout
+
+    out = call()
+    assert "language model 64 wide x 3 layers" in out and "fuyu: training" in out and "fuyu: trained" in out
     folder = tmp_path / "fuyu"
     assert [p.name for p in (folder / "trainer").glob("checkpoint-*")] == ["checkpoint-2"]
     assert json.loads((folder / "evaluation.json").read_text())["examples"] == 8
     assert "| fuyu |" in (tmp_path / "comparison" / "comparison.md").read_text()
+
+    out = call()
+    assert "fuyu: trained" in out and "fuyu: training" not in out and "resuming" not in out
+    # A run stopped before its end has a Trainer checkpoint but no training_log.json: the next call resumes it.
+    (folder / "training_log.json").unlink()
+    (folder / "evaluation.json").unlink()
+    out = call()
+    assert "fuyu: resuming, training" in out and (folder / "training_log.json").exists()
+    assert [run["from_step"] for run in json.loads((folder / "training_log.json").read_text())["runs"]] == [0, 2]
 
 
 def test_every_family_of_the_registry_has_a_training_recipe():

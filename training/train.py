@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset
 
 from .collate import VQACollator
 from .options import TrainOptions, add_arguments, options_from
-from .synthetic_vqa import examples, kinds_for, make_example, training_seed
+from .synthetic_vqa import SINGLE_IMAGE_KINDS, examples, kinds_for, make_example, training_seed
 
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
@@ -33,6 +33,8 @@ LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.
 class SyntheticStream(IterableDataset):
     """An endless stream of training examples (dicts), each drawn from its own seed, in batches of `batch_size`.
 
+    Questions about two images come in batches of their own (`batch_kinds`): in a mixed batch, one of them would pad
+    every prompt to the length of two images' visual tokens (LLaVA: 64 more per prompt, about twice the step's work).
     The stream is the same whatever the number of DataLoader workers: worker w of n draws batches w, w + n, ...,
     and the DataLoader hands them out in that order. `start_batch` skips batches without drawing them, so a resumed
     run reads on where the interrupted one stopped at no cost (Trainer's own skip would draw and discard them)."""
@@ -40,6 +42,15 @@ class SyntheticStream(IterableDataset):
     def __init__(self, seed: int, multi_image: bool, kinds: tuple[str, ...] | None = None, batch_size: int = 1):
         self.seed, self.kinds, self.batch_size = seed, kinds_for(multi_image, kinds), batch_size
         self.start_batch = 0
+        self.single = tuple(k for k in self.kinds if k in SINGLE_IMAGE_KINDS)
+        self.multi = tuple(k for k in self.kinds if k not in SINGLE_IMAGE_KINDS)
+
+    def batch_kinds(self, batch: int) -> tuple[str, ...]:
+        """The kinds batch `batch` draws its questions from: of every len(kinds) batches, as many as there are
+        two-image kinds draw from those, the others from the one-image kinds, so each kind keeps its even share."""
+        if not self.single or not self.multi:
+            return self.kinds
+        return self.multi if batch % len(self.kinds) >= len(self.single) else self.single
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
@@ -48,8 +59,9 @@ class SyntheticStream(IterableDataset):
             torch.set_num_threads(1)  # the processors' tensor work would contend with the training process's threads
         batch = self.start_batch + first
         while True:
+            kinds = self.batch_kinds(batch)
             for index in range(batch * self.batch_size, (batch + 1) * self.batch_size):
-                yield vars(make_example(training_seed(index, self.seed), self.kinds))
+                yield vars(make_example(training_seed(index, self.seed), kinds))
             batch += stride
 
 

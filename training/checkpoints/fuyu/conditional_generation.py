@@ -165,6 +165,9 @@ class PatternForConditionalGeneration(PatternPreTrainedModel, GenerationMixin):
         labels, logits_to_keep = arguments.pop("labels", None), arguments.pop("logits_to_keep", 0)
         # Trainer passes the batch's token count so that gradient accumulation averages over tokens, not steps.
         num_items_in_batch = arguments.pop("num_items_in_batch", None)
+        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 1:
+            # Generation's prompt pass: the last layer need not run its other positions (`only_last_position`).
+            arguments.setdefault("last_position_only", True)
         outputs = self.model(**arguments)  # names the base model does not take go to its `**kwargs`
         input_ids, inputs_embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
         return self.language_modeling(outputs, input_ids, inputs_embeds, labels, logits_to_keep, num_items_in_batch)

@@ -112,17 +112,26 @@ class DecoderAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None,
+        last_position_only: bool = False,
         **kwargs,
     ) -> torch.Tensor:
+        """hidden_states (B, T, D) -> (B, T, D); with `last_position_only`, keys and values for all T tokens (the
+        cache needs them) but the query, and so the output (B, 1, D), for the last token alone."""
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim)  # (B, T, H, d)
+        queries = hidden_states[:, -1:] if last_position_only else hidden_states
+        Tq = queries.shape[1]
+        q = self.q_proj(queries).view(B, Tq, -1, self.head_dim)  # (B, Tq, H, d)
         k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)  # (B, T, Hkv, d)
         v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         if self.config.qk_norm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         cos, sin = position_embeddings
-        q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, d)
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, d)
+        if last_position_only:
+            cos, sin = cos[:, -1:], sin[:, -1:]
+            if attention_mask is not None and attention_mask.dim() == 4:  # (B, 1, T, S): the last query's row
+                attention_mask = attention_mask[:, :, -1:]
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, Tq, d)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, past + T, d)
         # A caller may pick the kernel for this call (the static decode path's single-query steps on CPU).
@@ -137,7 +146,7 @@ class DecoderAttention(nn.Module):
             dropout=self.config.attention_dropout if self.training else 0.0,
             **kwargs,
         )
-        return self.o_proj(out.reshape(B, T, -1))
+        return self.o_proj(out.reshape(B, Tq, -1))
 
 
 # Activations applied in place when no gradient is recorded: the MLP's widest tensors are then written once
@@ -187,14 +196,29 @@ class DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        last_position_only: bool = False,
         **kwargs,
     ) -> torch.Tensor:
-        residual = hidden_states
+        """(B, T, D) -> (B, T, D), or (B, 1, D) with `last_position_only` (see `only_last_position`)."""
+        residual = hidden_states[:, -1:] if last_position_only else hidden_states
         hidden_states = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kwargs
-        )
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, last_position_only,
+            **kwargs,
+        )  # fmt: skip
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def only_last_position(kwargs: dict, mask, output_hidden_states: bool, length: int) -> bool:
+    """Pops `last_position_only` from a forward's `kwargs` -> whether the last decoder layer may run its queries,
+    attention output and MLP for the last of its `length` tokens alone (it still writes every token's keys and
+    values). The causal-LM head asks for it when it keeps one position's logits (`logits_to_keep=1`, as
+    generation's prompt pass does): the last layer's other positions feed nothing then, and skipping them saves
+    most of a layer. Not for one token (nothing to skip), with all hidden states asked for, or with a mask that
+    cannot be cut to one row (flex attention's)."""
+    asked = kwargs.pop("last_position_only", False)
+    cuttable = mask is None or isinstance(mask, torch.Tensor)
+    return bool(asked) and length > 1 and not output_hidden_states and cuttable
 
 
 class TextDecoder(nn.Module):
@@ -258,11 +282,15 @@ class TextDecoder(nn.Module):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         mask, position_embeddings = self.prepare(inputs_embeds, attention_mask, position_ids, cache)
+        trim = only_last_position(kwargs, mask, output_hidden_states, inputs_embeds.shape[1])
         hidden_states = inputs_embeds
         all_hidden_states = [hidden_states] if output_hidden_states else None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             # The cache goes by keyword: gradient checkpointing drops it only then, so the recompute does not append twice.
-            hidden_states = layer(hidden_states, position_embeddings, mask, cache=cache, **kwargs)
+            last = trim and i == len(self.layers) - 1
+            hidden_states = layer(
+                hidden_states, position_embeddings, mask, cache=cache, last_position_only=last, **kwargs
+            )
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         hidden_states = self.norm(hidden_states)

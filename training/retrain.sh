@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The four embedded models trained again, evaluated and compared, by a call that can be repeated until it is done.
+# On a GPU machine the families train side by side on the one device (each step is small; drawing examples is the
+# CPU's work, shared out as DataLoader workers). On a CPU they train one after another: two runs would fight over
+# the cores and both crawl. Each run saves a Trainer checkpoint every SAVE_STEPS under $OUT/<family>/trainer and
+# the next call resumes it with the same options, so a CPU retrains over several sittings, TRAIN_SECONDS of
+# training per call. Everything lands in ${OUT:-training/runs}: one checkpoint folder per family, the training and
+# evaluation logs, and comparison/ with the README table once every family asked for has finished.
+#   bash training/retrain.sh                                      # the shipped recipe: 6000 steps, width 128, 3 layers
+#   STEPS=20000 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh
+#   TRAIN_SECONDS=3600 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh    # a CPU: an hour now, more later
+#   STEPS=4 SAVE_STEPS=2 EVAL_EXAMPLES=8 bash training/retrain.sh fuyu           # a dry run of the script
+# TRAIN_SECONDS bounds each family's run on a GPU (420 by default) and the families' runs together on a CPU (no
+# bound by default); a run stopped by it keeps its latest checkpoint. Promote a result by copying its folders over
+# training/checkpoints/ and running `python -m vlm_patterns.training.ship` (which adds the code for trust_remote_code).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-training/runs}
+STEPS=${STEPS:-6000}
+SAVE_STEPS=${SAVE_STEPS:-250}
+TEXT_WIDTH=${TEXT_WIDTH:-128}
+TEXT_LAYERS=${TEXT_LAYERS:-3}
+EVAL_EXAMPLES=${EVAL_EXAMPLES:-3000}
+mkdir -p "$OUT"
+FAMILIES=("$@")
+[ ${#FAMILIES[@]} -eq 0 ] && read -r -a FAMILIES <<< "$(python -c 'from vlm_patterns.families import FAMILIES; print(*FAMILIES)')"
+device=$(python -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")
+if [ "$device" = cpu ]; then
+    TRAIN_SECONDS=${TRAIN_SECONDS:-0}  # 0: no bound
+    workers=0
+else
+    TRAIN_SECONDS=${TRAIN_SECONDS:-420}
+    workers=$(( ($(nproc) - 1) / ${#FAMILIES[@]} ))
+fi
+echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers"
+
+train() {  # family, seconds (0: no bound)
+    local family=$1 seconds=$2 resume=()
+    compgen -G "$OUT/$family/trainer/checkpoint-*" > /dev/null && resume=(--resume)
+    echo "$family: ${resume[*]:+resuming, }training$( [ "$seconds" -gt 0 ] && echo " for at most $seconds s")"
+    timeout "${seconds}s" vlm-patterns train "$family" --output "$OUT/$family" --without-code --steps "$STEPS" \
+        --text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS" "${resume[@]}" --save_strategy steps \
+        --save_steps "$SAVE_STEPS" --save_total_limit 1 --dataloader_num_workers "$workers" --disable_tqdm true \
+        >> "$OUT/$family.train.log" 2>&1
+}
+trained() { [ -f "$OUT/$1/training_log.json" ]; }  # written when a run reaches its last step
+
+start=$(date +%s)
+if [ "$device" = cpu ]; then
+    for family in "${FAMILIES[@]}"; do
+        trained "$family" && continue
+        left=0
+        if [ "$TRAIN_SECONDS" -gt 0 ]; then
+            left=$(( TRAIN_SECONDS - ($(date +%s) - start) ))
+            [ "$left" -le 0 ] && break
+        fi
+        train "$family" "$left" || echo "$family: stopped (exit $?); call again to resume"
+    done
+else
+    pids=()
+    for family in "${FAMILIES[@]}"; do
+        trained "$family" && continue
+        train "$family" "$TRAIN_SECONDS" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || true; done
+fi
+echo "training took $(( $(date +%s) - start )) s"
+
+finished=()
+for family in "${FAMILIES[@]}"; do
+    if ! trained "$family"; then
+        echo "$family: not finished; last lines of $OUT/$family.train.log:"
+        tail -3 "$OUT/$family.train.log" || true
+        continue
+    fi
+    finished+=("$family")
+    echo "$family: trained ($(grep -h 'held-out accuracy' "$OUT/$family.train.log" | tail -1))"
+    if [ ! -f "$OUT/$family/evaluation.json" ]; then
+        # evaluation.json is what the Space shows beside each column.
+        vlm-patterns evaluate "$OUT/$family" --examples "$EVAL_EXAMPLES" --json "$OUT/$family/evaluation.json" \
+            > "$OUT/$family.evaluate.log" 2>&1
+    fi
+    echo "$family: $(grep -m1 -i 'accuracy' "$OUT/$family.evaluate.log")"
+done
+if [ ${#finished[@]} -eq ${#FAMILIES[@]} ]; then
+    folders=()
+    for family in "${finished[@]}"; do folders+=("$OUT/$family"); done
+    vlm-patterns compare "${folders[@]}" --output "$OUT/comparison" --examples "$EVAL_EXAMPLES"
+else
+    echo "the comparison waits for every family: call again to go on"
+fi
