@@ -56,8 +56,9 @@ EXAMPLES = json.loads((HERE / "examples" / "examples.json").read_text()) if (HER
 MAX_PROMPT_CHARACTERS = 1000
 # What the embedded models were trained to answer, with the words to ask it in.
 TRAINED_FOR = (
-    "The *embedded* models were trained from scratch on synthetic pictures of circles, squares and triangles in a "
-    "few colors, and on six kinds of question only, asked in these words: *What color is the square?* · *What shape "
+    "The *embedded* models were trained from scratch on synthetic pictures of circles, squares and triangles in four "
+    "colors (red, green, blue, yellow), filled or drawn as outlines, small or large, on white, tinted or textured "
+    "canvases, and on six kinds of question only, asked in these words: *What color is the square?* · *What shape "
     "is blue?* · *How many shapes are there?* · *Is the green triangle left or right of the yellow circle?* · *What "
     "word is written?* · *Which image has more shapes, the first or the second?* They know no other words (a column "
     "says when a question uses some) and answer anything else with a guess. Under each column: its measured accuracy "

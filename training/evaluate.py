@@ -31,6 +31,9 @@ class Evaluation:
     parameters: int
     errors: list[dict] = field(default_factory=list)
     questions_by_kind: dict[str, int] = field(default_factory=dict)
+    # Colour and shape questions by the number of shapes in the picture ("1", "2", "3"): with one shape, naming its
+    # shape is recognition alone; with more, the question must also single out the shape it names.
+    accuracy_by_shapes: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def margin(self, kind: str | None = None) -> float:
         """Two binomial standard errors of an accuracy (overall, or of one kind): another held-out draw of the
@@ -64,7 +67,12 @@ class Evaluation:
             f"{self.parameters / 1e6:.2f}M parameters; overall accuracy ±{100 * self.margin():.1f} points "
             "(two standard errors)"
         )
-        return f"{summary}\n\n{head}{acc} | {100 * self.accuracy:.1f}% |\n{chance} | |"
+        by_shapes = "".join(
+            f"\n- {kind} questions by shapes in the picture: "
+            + ", ".join(f"{count}: {100 * value:.0f}%" for count, value in by_count.items())
+            for kind, by_count in self.accuracy_by_shapes.items()
+        )
+        return f"{summary}\n\n{head}{acc} | {100 * self.accuracy:.1f}% |\n{chance} | |\n{by_shapes}"
 
 
 def load_checkpoint(path: str | Path):
@@ -120,6 +128,7 @@ def evaluate(
     multi_image = processor.max_images_per_prompt != 1
     data = [vars(e) for e in examples("held_out", num_examples, seed, multi_image, kinds)]
     right, total = defaultdict(int), defaultdict(int)
+    right_by_shapes, total_by_shapes = defaultdict(int), defaultdict(int)
     errors, tokens = [], []
     for start in range(0, len(data), batch_size):
         batch = data[start : start + batch_size]
@@ -127,6 +136,10 @@ def evaluate(
         for example, predicted in zip(batch, answer_inputs(model, processor, inputs), strict=True):
             total[example["kind"]] += 1
             right[example["kind"]] += predicted == example["answer"]
+            if example["kind"] in ("color", "shape"):
+                group = (example["kind"], str(len(example["meta"]["scenes"][0]["objects"])))
+                total_by_shapes[group] += 1
+                right_by_shapes[group] += predicted == example["answer"]
             if predicted != example["answer"] and len(errors) < 20:
                 errors.append(dict(question=example["question"], answer=example["answer"], predicted=predicted))
         tokens += visual_tokens(processor, batch)
@@ -138,6 +151,9 @@ def evaluate(
     from .synthetic_vqa import ANSWERS
 
     kinds = [k for k in kinds_for(multi_image, kinds) if total[k]]
+    by_shapes = defaultdict(dict)
+    for (kind, count), questions in sorted(total_by_shapes.items()):
+        by_shapes[kind][count] = right_by_shapes[kind, count] / questions
     return Evaluation(
         family=family,
         examples=len(data),
@@ -150,6 +166,7 @@ def evaluate(
         parameters=sum(p.numel() for p in model.parameters()),
         errors=errors,
         questions_by_kind={k: total[k] for k in kinds},
+        accuracy_by_shapes=dict(by_shapes),
     )
 
 
@@ -159,11 +176,12 @@ def compare(checkpoints: list[str | Path], output: str | Path, num_examples: int
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     results = [evaluate(path, num_examples, seed) for path in checkpoints]
-    curves = {}
+    curves, stage_starts = {}, set()
     for path, result in zip(checkpoints, results, strict=True):
         log = Path(path) / "training_log.json"
         if log.exists():
-            curves[result.family] = json.loads(log.read_text())["held_out_curve"]
+            curves[result.family], starts = learning_curve(json.loads(log.read_text()))
+            stage_starts.update(starts)
     kinds = [k for k in KINDS if any(k in r.accuracy_by_kind for r in results)]
     overall = max(r.margin() for r in results)
     per_kind = max(r.margin(k) for r in results for k in r.accuracy_by_kind)
@@ -189,11 +207,23 @@ def compare(checkpoints: list[str | Path], output: str | Path, num_examples: int
     table = "\n".join(lines)
     (output / "comparison.md").write_text(table + "\n")
     (output / "comparison.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    plot(results, curves, output / "comparison.png")
+    plot(results, curves, output / "comparison.png", sorted(stage_starts))
     return table
 
 
-def plot(results: list[Evaluation], curves: dict, path: Path) -> None:
+def learning_curve(log: dict) -> tuple[list[dict], list[int]]:
+    """The held-out curve of a checkpoint's whole training, from its training_log.json: a fine-tune's points follow
+    those of the checkpoint it started from (`started_from`), its examples counted on from there. Also returns the
+    example counts at which each later stage began."""
+    if "started_from" not in log:
+        return log["held_out_curve"], []
+    earlier, starts = learning_curve(log["started_from"])
+    offset = earlier[-1]["examples"] if earlier else 0
+    later = [dict(point, examples=point["examples"] + offset) for point in log["held_out_curve"]]
+    return earlier + later, [*starts, offset]
+
+
+def plot(results: list[Evaluation], curves: dict, path: Path, stage_starts: list[int] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,6 +232,10 @@ def plot(results: list[Evaluation], curves: dict, path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for family, curve in curves.items():
         left.plot([p["examples"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", label=family)
+    for start in stage_starts:  # each point is measured on the held-out questions of its own stage's task
+        left.axvline(start, color="grey", linestyle=":")
+        left.annotate("fine-tuning", (start, 0), xycoords=("data", "axes fraction"), xytext=(4, 6),
+                      textcoords="offset points", color="grey")  # fmt: skip
     left.set(xlabel="training examples seen", ylabel="held-out accuracy (%)", title="Learning curves")
     left.grid(alpha=0.3)
     if curves:

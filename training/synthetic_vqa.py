@@ -1,7 +1,10 @@
 """A procedurally generated visual question answering task that separates the four patterns.
 
 Every example is drawn from a seed, on the fly: a canvas of random size and aspect ratio holding a few coloured
-shapes, or a short word in small print, and a question with a one-word answer. Question kinds:
+shapes, or a short word in small print, and a question with a one-word answer. Canvases are tinted, white or
+textured (noise or ruled lines, like paper); each shape has its own size, from an eighth of the canvas's shorter side
+to nearly half of it when there is room, and a quarter of them are outlines drawn with a pen, as a visitor would
+draw them. Question kinds:
 
 - `color`, `shape`:  what colour is the circle? what shape is red?           (local appearance)
 - `count`:           how many shapes are there?                              (the whole image)
@@ -54,13 +57,41 @@ class Example:
     question: str
     answer: str
     kind: str
+    # How the images were drawn: `scenes`, one per image, each with its `background` and (but for words) `objects`.
     meta: dict = field(default_factory=dict)
 
 
-def _canvas(rng: np.random.Generator) -> PIL.Image.Image:
+BACKGROUNDS = ("tint", "white", "texture")
+OUTLINED = 0.25  # the share of shapes drawn as outlines
+# A shape's side, as a share of the canvas's shorter side: from MIN_SHARE up to the largest that lets `count`
+# shapes of that size sit side by side (nearly half the side for one shape); never under MIN_SIZE pixels.
+MIN_SHARE, MAX_SHARE_BY_COUNT, MIN_SIZE = 0.125, {1: 0.45, 2: 0.35, 3: 0.3, 4: 0.27}, 12
+
+
+def _canvas(rng: np.random.Generator) -> tuple[PIL.Image.Image, str]:
+    """A light canvas, so that every colour stands out: a random tint, white, or textured like paper; and which."""
     width, height = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
-    background = tuple(int(v) for v in rng.integers(200, 256, size=3))  # light, so every colour stands out
-    return PIL.Image.new("RGB", (width, height), background)
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    if background == "white":
+        return PIL.Image.new("RGB", (width, height), (255, 255, 255)), background
+    tint = rng.integers(200, 256, size=3)
+    if background == "tint":
+        return PIL.Image.new("RGB", (width, height), tuple(int(v) for v in tint)), background
+    pixels = np.broadcast_to(tint.astype(np.int16), (height, width, 3)).copy()
+    if rng.integers(2):  # grain: the same small offset on the three channels of a pixel, so it stays grey
+        pixels += rng.integers(-14, 15, size=(height, width, 1), dtype=np.int16)
+    else:  # ruled paper: faint lines every few pixels
+        spacing = int(rng.integers(6, 14))
+        pixels[int(rng.integers(spacing)) :: spacing] -= 45
+    return PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), background
+
+
+def _sizes(rng: np.random.Generator, canvas: PIL.Image.Image, count: int) -> list[int]:
+    """One size per shape (the side of its bounding square), each drawn on its own."""
+    short = min(canvas.size)
+    low = max(MIN_SIZE, round(MIN_SHARE * short))
+    high = max(low + 1, round(MAX_SHARE_BY_COUNT[min(count, 4)] * short))
+    return [int(v) for v in rng.integers(low, high + 1, size=count)]
 
 
 def _place(rng: np.random.Generator, width: int, height: int, size: int, taken: list) -> tuple[int, int] | None:
@@ -72,36 +103,44 @@ def _place(rng: np.random.Generator, width: int, height: int, size: int, taken: 
     return None
 
 
-def _draw(draw: PIL.ImageDraw.ImageDraw, shape: str, color: str, x: int, y: int, size: int) -> None:
+def _draw(draw: PIL.ImageDraw.ImageDraw, shape: str, color: str, x: int, y: int, size: int, pen: int = 0) -> None:
+    """A filled shape, or with `pen` > 0 its outline drawn that many pixels wide."""
     box = [x, y, x + size, y + size]
-    fill = COLORS[color]
+    style = dict(outline=COLORS[color], width=pen) if pen else dict(fill=COLORS[color])
     if shape == "circle":
-        draw.ellipse(box, fill=fill)
+        draw.ellipse(box, **style)
     elif shape == "square":
-        draw.rectangle(box, fill=fill)
+        draw.rectangle(box, **style)
     else:
-        draw.polygon([(x + size / 2, y), (x, y + size), (x + size, y + size)], fill=fill)
+        draw.polygon([(x + size / 2, y), (x, y + size), (x + size, y + size)], **style)
 
 
-def draw_scene(rng: np.random.Generator, count: int, distinct: bool = True) -> tuple[PIL.Image.Image, list[dict]]:
-    """A canvas with `count` shapes; with `distinct`, no two share both colour and shape. Returns the objects."""
+def _pen(rng: np.random.Generator, size: int) -> int:
+    """0 for a filled shape; otherwise an outline's width, thick enough to keep its colour readable."""
+    return 0 if rng.random() >= OUTLINED else max(2, size // int(rng.integers(5, 9)))
+
+
+def draw_scene(rng: np.random.Generator, count: int, distinct: bool = True) -> tuple[PIL.Image.Image, dict]:
+    """A canvas with `count` shapes; with `distinct`, no two share both colour and shape. Returns the image and the
+    scene: its background and its objects (colour, shape, centre, size, pen: 0 when filled)."""
     for _ in range(20):
-        image = _canvas(rng)
+        image, background = _canvas(rng)
         draw = PIL.ImageDraw.Draw(image)
-        size = int(rng.integers(14, 24))
         objects, taken = [], []
         pairs = [(c, s) for c in COLORS for s in SHAPES]
         order = rng.permutation(len(pairs)) if distinct else rng.integers(0, len(pairs), size=count)
-        for index in order[:count]:
+        for index, size in zip(order[:count], _sizes(rng, image, count), strict=True):
             spot = _place(rng, image.width, image.height, size, taken)
             if spot is None:
                 break
             color, shape = pairs[int(index)]
-            _draw(draw, shape, color, *spot, size)
+            pen = _pen(rng, size)
+            _draw(draw, shape, color, *spot, size, pen=pen)
             taken.append((*spot, size))
-            objects.append(dict(color=color, shape=shape, x=spot[0] + size / 2, y=spot[1] + size / 2))
+            objects.append(dict(color=color, shape=shape, x=spot[0] + size / 2, y=spot[1] + size / 2, size=size,
+                                pen=pen))  # fmt: skip
         if len(objects) == count:
-            return image, objects
+            return image, dict(background=background, objects=objects)
     raise RuntimeError("could not place the shapes")  # unreachable for the sizes used
 
 
@@ -117,30 +156,29 @@ def make_example(seed: int, kinds: tuple[str, ...] = KINDS) -> Example:
     rng = np.random.default_rng(seed)
     kind = kinds[int(rng.integers(len(kinds)))]
     if kind in ("color", "shape"):
-        image, objects = draw_scene(rng, int(rng.integers(1, 4)))
-        target = objects[int(rng.integers(len(objects)))]
+        image, scene = draw_scene(rng, int(rng.integers(1, 4)))
+        target = scene["objects"][int(rng.integers(len(scene["objects"])))]
         # The question must single out one object: its shape (or colour) must be unique in the scene.
         key = "shape" if kind == "color" else "color"
-        if sum(o[key] == target[key] for o in objects) > 1:
-            image = _redraw_single(rng, target)
+        if sum(o[key] == target[key] for o in scene["objects"]) > 1:
+            image, scene = _redraw_single(rng, target)
         question = QUESTION_TEMPLATES[kind].format(**target)
-        return Example([image], question, target["color" if kind == "color" else "shape"], kind)
+        return Example([image], question, target["color" if kind == "color" else "shape"], kind, dict(scenes=[scene]))
     if kind == "count":
         count = int(rng.integers(1, 5))
-        image, _ = draw_scene(rng, count, distinct=False)
-        return Example([image], QUESTION_TEMPLATES["count"], NUMBERS[count], kind)
+        image, scene = draw_scene(rng, count, distinct=False)
+        return Example([image], QUESTION_TEMPLATES["count"], NUMBERS[count], kind, dict(scenes=[scene]))
     if kind == "position":
-        image, objects = draw_scene(rng, 2)
-        a, b = objects
-        while abs(a["x"] - b["x"]) < 8:  # too close to call: redraw
-            image, objects = draw_scene(rng, 2)
-            a, b = objects
+        image, scene = draw_scene(rng, 2)
+        while abs(scene["objects"][0]["x"] - scene["objects"][1]["x"]) < 8:  # too close to call: redraw
+            image, scene = draw_scene(rng, 2)
+        a, b = scene["objects"]
         question = QUESTION_TEMPLATES["position"].format(
             color=a["color"], shape=a["shape"], color2=b["color"], shape2=b["shape"]
         )
-        return Example([image], question, "left" if a["x"] < b["x"] else "right", kind)
+        return Example([image], question, "left" if a["x"] < b["x"] else "right", kind, dict(scenes=[scene]))
     if kind == "read":
-        image = _canvas(rng)
+        image, background = _canvas(rng)
         word = WORDS[int(rng.integers(len(WORDS)))]
         draw = PIL.ImageDraw.Draw(image)
         font = _font(int(rng.integers(10, 15)))
@@ -148,27 +186,24 @@ def make_example(seed: int, kinds: tuple[str, ...] = KINDS) -> Example:
         x = int(rng.integers(2, max(3, image.width - (right - left) - 2)))
         y = int(rng.integers(2, max(3, image.height - (bottom - top) - 2)))
         draw.text((x - left, y - top), word, fill=(20, 20, 20), font=font)
-        return Example([image], QUESTION_TEMPLATES["read"], word, kind)
+        return Example([image], QUESTION_TEMPLATES["read"], word, kind, dict(scenes=[dict(background=background)]))
     # compare: two scenes with different counts
     first, second = (int(v) for v in rng.choice(np.arange(1, 5), size=2, replace=False))
-    image_a, _ = draw_scene(rng, first, distinct=False)
-    image_b, _ = draw_scene(rng, second, distinct=False)
+    image_a, scene_a = draw_scene(rng, first, distinct=False)
+    image_b, scene_b = draw_scene(rng, second, distinct=False)
     answer = "first" if first > second else "second"
-    return Example([image_a, image_b], QUESTION_TEMPLATES["compare"], answer, kind)
+    return Example([image_a, image_b], QUESTION_TEMPLATES["compare"], answer, kind, dict(scenes=[scene_a, scene_b]))
 
 
-def _redraw_single(rng: np.random.Generator, target: dict) -> PIL.Image.Image:
+def _redraw_single(rng: np.random.Generator, target: dict) -> tuple[PIL.Image.Image, dict]:
     """A scene of the target object alone (when the drawn scene could not single it out)."""
-    image = _canvas(rng)
-    size = int(rng.integers(14, 24))
-    _draw(
-        PIL.ImageDraw.Draw(image),
-        target["shape"],
-        target["color"],
-        *_place(rng, image.width, image.height, size, []),
-        size,
-    )
-    return image
+    image, background = _canvas(rng)
+    (size,) = _sizes(rng, image, 1)
+    x, y = _place(rng, image.width, image.height, size, [])
+    pen = _pen(rng, size)
+    _draw(PIL.ImageDraw.Draw(image), target["shape"], target["color"], x, y, size, pen=pen)
+    alone = dict(target, x=x + size / 2, y=y + size / 2, size=size, pen=pen)
+    return image, dict(background=background, objects=[alone])
 
 
 # Seeds: training streams count up from TRAIN_SEED_BASE; the held-out split uses another range entirely.

@@ -224,6 +224,9 @@ def train(options: TrainOptions) -> dict:
     from .recipes import recipe
 
     recipe(options.family)  # an unknown family fails here, before any work
+    # A fine-tune keeps the log of the checkpoint it started from (read now: the output may be the same folder).
+    earlier = Path(options.init_from or "") / "training_log.json"
+    started_from = json.loads(earlier.read_text()) if options.init_from and earlier.exists() else None
     torch.manual_seed(options.seed)
     model, processor = build_model_and_processor(options)
     multi_image = processor.max_images_per_prompt != 1
@@ -283,6 +286,8 @@ def train(options: TrainOptions) -> dict:
         held_out_curve=HeldOutCurve.points(trainer.state.log_history),
         loss_curve=[dict(step=e["step"], loss=e["loss"]) for e in trainer.state.log_history if "loss" in e],
     )
+    if started_from:
+        log["started_from"] = started_from
     (output / "training_log.json").write_text(json.dumps(log, indent=2))
     return log
 
