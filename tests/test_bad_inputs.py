@@ -101,7 +101,9 @@ def test_generate_stops_at_the_context_instead_of_failing_there(shipped, family,
     limit = model.config.text_config.max_position_embeddings
     token = processor.tokenizer("red", add_special_tokens=False)["input_ids"][0]
     ids = torch.full((1, limit - 4), token)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, do_sample=False)
+    # min_new_tokens keeps the answer from ending early on its own (a trained model may well say EOS at once)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, min_new_tokens=4,
+                         do_sample=False)  # fmt: skip
     assert out.shape[1] == limit  # the 4 tokens that fit, returned
     with pytest.raises(ValueError, match=f"context holds {limit}"):
         model.generate(input_ids=torch.full((1, limit), token), max_new_tokens=5)
