@@ -203,7 +203,7 @@ def test_help_answers_without_importing_torch():
     code = (
         "import contextlib, io, sys\n"
         "from vlm_patterns.cli import main\n"
-        "for argv in (['--help'], ['convert', '--help'], ['train', '--help']):\n"
+        "for argv in (['--help'], ['convert', '--help'], ['train', '--help'], ['pretrain-vision', '--help']):\n"
         "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
         "        main(argv)\n"
         "print(sorted(m for m in ('torch', 'transformers', 'vlm_patterns.conversion.llava') if m in sys.modules))\n"

@@ -40,19 +40,69 @@ class TrainOptions:
     trainer_args: tuple[str, ...] = ()
 
 
+@dataclass
+class VisionPretrainOptions:
+    """`vlm-patterns pretrain-vision`: the vision encoder's own stage (training/pretrain_vision.py)."""
+
+    family: str
+    output: str
+    steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.01
+    init_from: str | None = None
+    text_width: int = 128
+    text_layers: int = 3
+    without_code: bool = False
+    seed: int = 0
+    eval_every: int = 250
+    eval_examples: int = 300
+
+
+def add_optimizer_arguments(parser: argparse.ArgumentParser, defaults, per_step: str) -> None:
+    """--steps, --batch-size, --learning-rate and --weight-decay, as both stages take them."""
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help=f"{per_step} (default: %(default)s)"
+    )
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                        help="AdamW peak rate, cosine decay after warm-up (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                        help="AdamW decoupled weight decay (default: %(default)s)")  # fmt: skip
+
+
+def add_vision_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = VisionPretrainOptions(family="", output="")
+    parser.add_argument("family", choices=recipe_names(), help="the pattern whose vision encoder to pre-train")
+    parser.add_argument("--output", required=True, help="checkpoint folder to write (the whole model)")
+    parser.add_argument("--from", dest="init_from",
+                        help="start from this checkpoint of ours (default: a new model of the recipe's size)")  # fmt: skip
+    add_optimizer_arguments(parser, defaults, per_step="pictures per step")
+    parser.add_argument("--text-width", type=int, default=defaults.text_width,
+                        help="a new model's language model width, as for train (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--text-layers", type=int, default=defaults.text_layers,
+                        help="a new model's language model layers (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--without-code", action="store_true",
+                        help="no code files for trust_remote_code (checkpoints kept inside this repository)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="weights and pictures (default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                        help="steps between held-out checks (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
+                        help="held-out pictures per check (default: %(default)s)")  # fmt: skip
+    parser.epilog = "Then: vlm-patterns train FAMILY --from OUTPUT --output ... (the task on top of the encoder)."
+
+
+def vision_options_from(args: argparse.Namespace) -> VisionPretrainOptions:
+    return VisionPretrainOptions(**{k: getattr(args, k) for k in VisionPretrainOptions.__dataclass_fields__})
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainOptions(family="", output="")
     parser.add_argument("family", choices=recipe_names(), help="the pattern to train")
     parser.add_argument("--output", required=True, help="checkpoint folder to write")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                        help="examples per step and device (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
-                        help="AdamW peak rate, cosine decay after warm-up (default: %(default)s)")  # fmt: skip
+    add_optimizer_arguments(parser, defaults, per_step="examples per step and device")
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
                         help="steps of linear warm-up to the peak rate (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
-                        help="AdamW decoupled weight decay (default: %(default)s)")  # fmt: skip
     parser.add_argument("--freeze", choices=["none", "vision", "connector"], default=defaults.freeze,
                         help="none: train all; vision: keep the vision encoder fixed; connector: train only it")  # fmt: skip
     parser.add_argument("--from", dest="init_from", help="start from this checkpoint of ours (fine-tuning)")

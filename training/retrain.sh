@@ -5,11 +5,15 @@
 # the cores and both crawl. Each run saves a Trainer checkpoint every SAVE_STEPS under $OUT/<family>/trainer and
 # the next call resumes it with the same options, so a CPU retrains over several sittings, TRAIN_SECONDS of
 # training per call. Everything lands in ${OUT:-training/runs}: one checkpoint folder per family, the training and
-# evaluation logs, and comparison/ with the README table once every family asked for has finished.
+# evaluation logs, and comparison/ with the README table once every family asked for has finished. With
+# VISION_STEPS (0 by default, as the shipped models were trained), a family with a vision encoder first trains it
+# alone for that many steps (`vlm-patterns pretrain-vision`, into $OUT/<family>.vision, kept across calls) and learns
+# the task from there; Fuyu has no encoder.
 #   bash training/retrain.sh                                      # the shipped recipe: 6000 steps, width 128, 3 layers
 #   STEPS=20000 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh
 #   TRAIN_SECONDS=3600 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh    # a CPU: an hour now, more later
-#   STEPS=4 SAVE_STEPS=2 EVAL_EXAMPLES=8 bash training/retrain.sh fuyu           # a dry run of the script
+#   VISION_STEPS=2000 bash training/retrain.sh                   # each vision encoder first trained alone
+#   STEPS=4 SAVE_STEPS=2 VISION_STEPS=2 EVAL_EXAMPLES=8 bash training/retrain.sh fuyu llava   # a dry run
 # TRAIN_SECONDS bounds each family's run on a GPU (420 by default) and the families' runs together on a CPU (no
 # bound by default); a run stopped by it keeps its latest checkpoint. Promote a result by copying its folders over
 # training/checkpoints/ and running `python -m vlm_patterns.training.ship` (which adds the code for trust_remote_code).
@@ -20,6 +24,7 @@ STEPS=${STEPS:-6000}
 SAVE_STEPS=${SAVE_STEPS:-250}
 TEXT_WIDTH=${TEXT_WIDTH:-128}
 TEXT_LAYERS=${TEXT_LAYERS:-3}
+VISION_STEPS=${VISION_STEPS:-0}
 EVAL_EXAMPLES=${EVAL_EXAMPLES:-3000}
 mkdir -p "$OUT"
 FAMILIES=("$@")
@@ -32,14 +37,24 @@ else
     TRAIN_SECONDS=${TRAIN_SECONDS:-420}
     workers=$(( ($(nproc) - 1) / ${#FAMILIES[@]} ))
 fi
-echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers"
+encoders=" $(python -c 'from vlm_patterns.training.pretrain_vision import POOLED_FEATURES; print(*POOLED_FEATURES)') "
+stage=$( [ "$VISION_STEPS" -gt 0 ] && echo "; vision encoders first trained alone for $VISION_STEPS steps" || true)
+echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers$stage"
 
 train() {  # family, seconds (0: no bound)
-    local family=$1 seconds=$2 resume=()
+    local family=$1 seconds=$2 resume=() start=(--text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS")
+    if [ "$VISION_STEPS" -gt 0 ] && [[ $encoders == *" $family "* ]]; then
+        if [ ! -f "$OUT/$family.vision/vision_pretraining.json" ]; then  # written when the stage is done
+            echo "$family: training the vision encoder alone"
+            vlm-patterns pretrain-vision "$family" --output "$OUT/$family.vision" --without-code \
+                --steps "$VISION_STEPS" "${start[@]}" >> "$OUT/$family.train.log" 2>&1
+        fi
+        start=(--from "$OUT/$family.vision")  # the language model's size comes with it
+    fi
     compgen -G "$OUT/$family/trainer/checkpoint-*" > /dev/null && resume=(--resume)
     echo "$family: ${resume[*]:+resuming, }training$( [ "$seconds" -gt 0 ] && echo " for at most $seconds s")"
     timeout "${seconds}s" vlm-patterns train "$family" --output "$OUT/$family" --without-code --steps "$STEPS" \
-        --text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS" "${resume[@]}" --save_strategy steps \
+        "${start[@]}" "${resume[@]}" --save_strategy steps \
         --save_steps "$SAVE_STEPS" --save_total_limit 1 --dataloader_num_workers "$workers" --disable_tqdm true \
         >> "$OUT/$family.train.log" 2>&1
 }

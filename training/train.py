@@ -27,6 +27,7 @@ from .collate import VQACollator
 from .options import TrainOptions, add_arguments, options_from
 from .synthetic_vqa import SINGLE_IMAGE_KINDS, examples, kinds_for, make_example, training_seed
 
+VISION_LOG = "vision_pretraining.json"  # written by pretrain_vision.py
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -227,6 +228,8 @@ def train(options: TrainOptions) -> dict:
     # A fine-tune keeps the log of the checkpoint it started from (read now: the output may be the same folder).
     earlier = Path(options.init_from or "") / "training_log.json"
     started_from = json.loads(earlier.read_text()) if options.init_from and earlier.exists() else None
+    stage_log = Path(options.init_from or "", VISION_LOG)
+    stage = stage_log.read_text() if options.init_from and stage_log.exists() else None
     torch.manual_seed(options.seed)
     model, processor = build_model_and_processor(options)
     multi_image = processor.max_images_per_prompt != 1
@@ -289,6 +292,8 @@ def train(options: TrainOptions) -> dict:
     if started_from:
         log["started_from"] = started_from
     (output / "training_log.json").write_text(json.dumps(log, indent=2))
+    if stage is not None:  # the encoder's own stage stays on record in every checkpoint trained on from it
+        (output / VISION_LOG).write_text(stage)
     return log
 
 

@@ -144,6 +144,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pretrain_vision(args) -> int:
+    from .training.options import vision_options_from
+    from .training.pretrain_vision import pretrain_vision
+
+    log = pretrain_vision(vision_options_from(args))
+    last = log["held_out_curve"][-1]
+    print(f"Pre-trained in {log['seconds']:.0f} s; held-out {100 * last['accuracy']:.1f}% "
+          f"(shape {100 * last['shape_accuracy']:.1f}%); next: vlm-patterns train {args.family} --from {args.output}")  # fmt: skip
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .training.evaluate import evaluate
 
@@ -268,11 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.set_defaults(func=cmd_tiny)
 
-    from .training.options import add_arguments
+    from .training.options import add_arguments, add_vision_arguments
 
     p = sub.add_parser("train", help="train a family on the synthetic visual QA task (from scratch, or --from)")
     add_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain-vision", help="train a family's vision encoder alone first, on single objects")
+    add_vision_arguments(p)
+    p.set_defaults(func=cmd_pretrain_vision)
 
     p = sub.add_parser("evaluate", help="held-out accuracy per question kind, visual tokens, latency")
     p.add_argument("checkpoint", help="a checkpoint folder trained on the synthetic task")
