@@ -11,7 +11,7 @@ features. The head is thrown away; the checkpoint saved is the whole model with 
 this stage leaves it). How much of it the whole model then uses is measured in the README's shape bullet.
 
 Fuyu has no encoder (its patches go through one Linear into the language model): that is its pattern, so there is
-nothing to pre-train, as with the real Fuyu.
+nothing to train alone, as the real Fuyu has no separately trained encoder.
 """
 
 import json
