@@ -33,37 +33,12 @@ CLASSES = [(color, shape) for color in COLORS for shape in SHAPES]
 STREAM, TRAINING, HELD_OUT = 17, 0, 1
 
 
-def _llava(model, inputs: dict) -> torch.Tensor:
-    config = model.config
-    features = torch.cat(model.model.vision_tower(inputs["pixel_values"], config.feature_layers), dim=-1)
-    if config.vision_feature_select_strategy == "default":
-        features = features[:, 1:]  # the class token is not handed on either
-    return features.mean(1)
+def pooled_features_of(family: str) -> Callable[[nn.Module, dict], torch.Tensor] | None:
+    """The family's encoder features, mean-pooled per image as the connector would receive them (images, width):
+    its recipe's `pooled_encoder_features`, None for a family without an encoder."""
+    from .recipes import recipe
 
-
-def _flamingo(model, inputs: dict) -> torch.Tensor:
-    images = inputs["pixel_values"]  # (I, 3, S, S), or (B, I, 3, S, S) as the model takes them
-    (features,) = model.model.vision_model(images.flatten(0, 1) if images.dim() == 5 else images, [-1])  # (I, 1+P, Dv)
-    if model.config.vision_feature_select_strategy == "default":
-        features = features[:, 1:]
-    return features.mean(1)
-
-
-def _qwen2_vl(model, inputs: dict) -> torch.Tensor:
-    visual, patches = model.model.visual, inputs["pixel_values"]
-    lengths, rotary = visual.layout(patches, inputs["image_grid_thw"])
-    hidden_states = visual.patch_embed(patches)
-    for block in visual.blocks:  # the blocks, not the PatchMerger: that is the connector, trained with the task
-        hidden_states = block(hidden_states, rotary, lengths)
-    return torch.stack([image.mean(0) for image in hidden_states.split(lengths)])
-
-
-# Each family's encoder features, mean-pooled per image, as the connector would receive them: (images, width).
-POOLED_FEATURES: dict[str, Callable[[nn.Module, dict], torch.Tensor]] = {
-    "llava": _llava,
-    "flamingo": _flamingo,
-    "qwen2_vl": _qwen2_vl,
-}
+    return getattr(recipe(family), "pooled_encoder_features", None)
 
 
 def pictures(rng: np.random.Generator, count: int) -> tuple[list, torch.Tensor]:
@@ -110,19 +85,18 @@ def pretrain_vision(options: VisionPretrainOptions, progress: bool = True) -> di
     log (`vision_pretraining.json`: options, seconds, the held-out curve). Returns the log."""
     from tqdm.auto import tqdm
 
+    from .recipes import recipe
     from .train import VISION_LOG, build_model_and_processor, strip_code
 
-    if options.family not in POOLED_FEATURES:
-        if options.family == "fuyu":
-            raise ValueError("fuyu has no vision encoder to pre-train: its patches go through one Linear into the "
-                             "language model (that is its pattern); train it with `vlm-patterns train fuyu`")  # fmt: skip
-        raise ValueError(f"no vision encoder stage for {options.family!r}; choose from {', '.join(POOLED_FEATURES)}")
+    pooled = pooled_features_of(options.family)  # an unknown family fails here
+    if pooled is None:
+        raise ValueError(f"{options.family} has no vision encoder to pre-train: {recipe(options.family).NO_ENCODER}; "
+                         f"train it with `vlm-patterns train {options.family}`")  # fmt: skip
     torch.manual_seed(options.seed)
     model, processor = build_model_and_processor(TrainOptions(
         family=options.family, output=options.output, init_from=options.init_from, seed=options.seed,
         text_width=options.text_width, text_layers=options.text_layers,
     ))  # fmt: skip
-    pooled = POOLED_FEATURES[options.family]
     encoder = [p for name, p in model.named_parameters() if name.startswith(model.vision_encoder_prefixes)]
     model.requires_grad_(False)
     for parameter in encoder:

@@ -37,7 +37,8 @@ else
     TRAIN_SECONDS=${TRAIN_SECONDS:-420}
     workers=$(( ($(nproc) - 1) / ${#FAMILIES[@]} ))
 fi
-encoders=" $(python -c 'from vlm_patterns.training.pretrain_vision import POOLED_FEATURES; print(*POOLED_FEATURES)') "
+encoders=" $(python -c 'from vlm_patterns.training import pretrain_vision as p, recipes as r
+print(*(f for f in r.recipe_names() if p.pooled_features_of(f)))') "
 stage=$( [ "$VISION_STEPS" -gt 0 ] && echo "; vision encoders first trained alone for $VISION_STEPS steps" || true)
 echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers$stage"
 

@@ -1,5 +1,7 @@
 """Flamingo at training-from-scratch size: 16 latents per image, read through a gated block before every layer."""
 
+import torch
+
 from vlm_patterns.modeling import FlamingoPatternConfig
 from vlm_patterns.processing import FlamingoPatternImageProcessor, FlamingoPatternProcessor
 
@@ -27,3 +29,12 @@ def processor(tokenizer) -> FlamingoPatternProcessor:
     return FlamingoPatternProcessor(
         image_processor=image_processor, tokenizer=tokenizer, visual_tokens_per_image=NUM_LATENTS
     )
+
+
+def pooled_encoder_features(model, inputs: dict) -> torch.Tensor:
+    """The ViT's patch features as the resampler receives them, mean-pooled per image (`pretrain-vision`)."""
+    images = inputs["pixel_values"]  # (I, 3, S, S), or (B, I, 3, S, S) as the model takes them
+    (features,) = model.model.vision_model(images.flatten(0, 1) if images.dim() == 5 else images, [-1])  # (I, 1+P, Dv)
+    if model.config.vision_feature_select_strategy == "default":
+        features = features[:, 1:]
+    return features.mean(1)

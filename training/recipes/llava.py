@@ -1,5 +1,7 @@
 """LLaVA at training-from-scratch size: a fixed 64 x 64 input, 64 patch tokens projected into the LM."""
 
+import torch
+
 from vlm_patterns.modeling import LlavaPatternConfig
 from vlm_patterns.processing import LlavaPatternImageProcessor, LlavaPatternProcessor
 
@@ -25,3 +27,12 @@ def processor(tokenizer) -> LlavaPatternProcessor:
         image_processor=image_processor, tokenizer=tokenizer, patch_size=VISION["patch_size"],
         vision_feature_select_strategy="default",
     )  # fmt: skip
+
+
+def pooled_encoder_features(model, inputs: dict) -> torch.Tensor:
+    """The ViT's patch features as the projector receives them, mean-pooled per image (`vlm-patterns pretrain-vision`)."""
+    config = model.config
+    features = torch.cat(model.model.vision_tower(inputs["pixel_values"], config.feature_layers), dim=-1)
+    if config.vision_feature_select_strategy == "default":
+        features = features[:, 1:]  # the class token is not handed on either
+    return features.mean(1)

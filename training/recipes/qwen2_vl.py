@@ -1,5 +1,7 @@
 """Qwen2-VL at training-from-scratch size: native resolution, 28 x 28 pixels per visual token."""
 
+import torch
+
 from vlm_patterns.modeling import Qwen2VLPatternConfig
 from vlm_patterns.processing import Qwen2VLPatternImageProcessor, Qwen2VLPatternProcessor
 
@@ -27,3 +29,14 @@ def processor(tokenizer) -> Qwen2VLPatternProcessor:
     # Native resolution: a 160 x 120 image becomes 6 x 4 = 24 visual tokens, a 64 x 64 one 4.
     image_processor = Qwen2VLPatternImageProcessor(min_pixels=56 * 56, max_pixels=MAX_SIDE * MAX_SIDE)
     return Qwen2VLPatternProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def pooled_encoder_features(model, inputs: dict) -> torch.Tensor:
+    """The ViT blocks' output, before the PatchMerger (the connector, trained with the task), mean-pooled per image
+    (`vlm-patterns pretrain-vision`)."""
+    visual, patches = model.model.visual, inputs["pixel_values"]
+    lengths, rotary = visual.layout(patches, inputs["image_grid_thw"])
+    hidden_states = visual.patch_embed(patches)
+    for block in visual.blocks:
+        hidden_states = block(hidden_states, rotary, lengths)
+    return torch.stack([image.mean(0) for image in hidden_states.split(lengths)])
