@@ -18,7 +18,6 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -71,22 +70,14 @@ class Probe:
                     shape_accuracy=(shape_of[predicted] == shape_of[self.labels]).float().mean().item())  # fmt: skip
 
 
-def rate_share(step: int, steps: int) -> float:
-    """The learning rate's share of its peak at `step`: linear warm-up over a tenth of the run (at most 100
-    steps), then cosine decay, as the task's recipe does."""
-    warmup = max(1, min(100, steps // 10))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + float(np.cos(np.pi * (step - warmup) / max(1, steps - warmup))))
-
-
 def pretrain_vision(options: VisionPretrainOptions, progress: bool = True) -> dict:
     """Train the family's vision encoder to name single objects; save the whole model (`options.output`) with the
     log (`vision_pretraining.json`: options, seconds, the held-out curve). Returns the log."""
     from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
 
     from .recipes import recipe
-    from .train import VISION_LOG, build_model_and_processor, strip_code
+    from .train import VISION_LOG, build_model_and_processor, portable_options, strip_code
 
     pooled = pooled_features_of(options.family)  # an unknown family fails here
     if pooled is None:
@@ -107,7 +98,8 @@ def pretrain_vision(options: VisionPretrainOptions, progress: bool = True) -> di
     head = nn.Linear(width, len(CLASSES))
     optimizer = torch.optim.AdamW(encoder + list(head.parameters()), lr=options.learning_rate,
                                   weight_decay=options.weight_decay)  # fmt: skip
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: rate_share(step, options.steps))
+    # Warm-up over a tenth of the run (at most 100 steps), then cosine decay, as the task's recipe does.
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(100, options.steps // 10), options.steps)
     curve, started = [], time.time()
     model.train()
     bar = tqdm(range(1, options.steps + 1), desc=f"{options.family} vision encoder", disable=not progress)
@@ -131,13 +123,10 @@ def pretrain_vision(options: VisionPretrainOptions, progress: bool = True) -> di
     processor.save_pretrained(output)
     if options.without_code:
         strip_code(output)
-    if options.init_from and Path(options.init_from, "training_log.json").exists():
+    earlier = Path(options.init_from or "", "training_log.json")
+    if options.init_from and earlier.exists() and Path(options.init_from).resolve() != output.resolve():
         # The task's earlier runs stay on record: `train --from OUTPUT` keeps them under "started_from".
-        shutil.copyfile(Path(options.init_from, "training_log.json"), output / "training_log.json")
-    recorded = asdict(options)
-    for key in ("output", "init_from"):  # no machine paths in logs that get shipped
-        if recorded[key] and Path(recorded[key]).is_absolute():
-            recorded[key] = Path(recorded[key]).name
-    log = dict(options=recorded, seconds=round(time.time() - started, 1), held_out_curve=curve)
+        shutil.copyfile(earlier, output / "training_log.json")
+    log = dict(options=portable_options(options), seconds=round(time.time() - started, 1), held_out_curve=curve)
     (output / VISION_LOG).write_text(json.dumps(log, indent=2))
     return log

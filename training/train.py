@@ -275,10 +275,7 @@ def train(options: TrainOptions) -> dict:
         repo_id = args.hub_model_id or output.name
         model.push_to_hub(repo_id, private=args.hub_private_repo)
         processor.push_to_hub(repo_id, private=args.hub_private_repo)
-    recorded = asdict(options)
-    for key in ("output", "init_from"):  # no machine paths in logs that get shipped
-        if recorded[key] and Path(recorded[key]).is_absolute():
-            recorded[key] = Path(recorded[key]).name
+    recorded = portable_options(options)
     recorded["trainer_args"] = [Path(a).name if Path(a).is_absolute() else a for a in options.trainer_args]
     log = dict(
         options=recorded,
@@ -295,6 +292,15 @@ def train(options: TrainOptions) -> dict:
     if stage is not None:  # the encoder's own stage stays on record in every checkpoint trained on from it
         (output / VISION_LOG).write_text(stage)
     return log
+
+
+def portable_options(options) -> dict:
+    """The options as a dict for a log that gets shipped: folders given as absolute paths by their name only."""
+    recorded = asdict(options)
+    for key in ("output", "init_from"):
+        if recorded[key] and Path(recorded[key]).is_absolute():
+            recorded[key] = Path(recorded[key]).name
+    return recorded
 
 
 def portable_adapter_config(folder: Path, base: str | None) -> None:
