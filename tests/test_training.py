@@ -269,6 +269,31 @@ def test_trainer_arguments_pass_through_and_resume(tmp_path):
         training_arguments(TrainOptions(family="fuyu", output=str(tmp_path / "other"), resume=True), tmp_path)
 
 
+def test_the_vision_encoder_learns_at_its_own_rate_and_resumes(tmp_path):
+    """--vision-learning-rate gives the encoder's weights their own peak rate: at 0 they stay as they were while the
+    rest trains, also across a resumed run (whose optimizer state has the same groups)."""
+    from safetensors.torch import load_file
+
+    from vlm_patterns.training.train import build_model_and_processor
+
+    options = TrainOptions(family="llava", output=str(tmp_path / "llava"), steps=2, batch_size=4, eval_every=2,
+                           eval_examples=4, vision_learning_rate=0.0, trainer_args=("--save_strategy", "steps",
+                           "--save_steps", "1"))  # fmt: skip
+    fresh = build_model_and_processor(options)[0].state_dict()
+    train(options)
+    expected = load_file(Path(options.output) / "model.safetensors")
+    shutil.rmtree(Path(options.output) / "trainer" / "checkpoint-2")  # as if stopped after step 1
+    train(TrainOptions(**{**vars(options), "resume": True}))
+    weights = load_file(Path(options.output) / "model.safetensors")
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    encoder = {k for k in fresh if k.startswith("model.vision_tower.")}
+    assert encoder and all(torch.equal(weights[k], fresh[k]) for k in encoder)
+    assert any(not torch.equal(weights[k], fresh[k]) for k in fresh if k.startswith("model.multi_modal_projector."))
+    for family, freeze in (("fuyu", "none"), ("llava", "vision")):
+        with pytest.raises(ValueError, match="--vision-learning-rate"):
+            train(TrainOptions(family=family, output=str(tmp_path / "x"), freeze=freeze, vision_learning_rate=1e-4))
+
+
 def test_the_training_stream_is_the_same_with_any_number_of_workers():
     """Worker w of n draws batches w, w + n, ...: no example twice, none skipped, in the order of one process;
     a stream started at batch b begins with what the whole stream holds there."""
@@ -339,7 +364,8 @@ def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
     alone, and resumes one whose run was cut short."""
     script = Path(__file__).parents[1] / "training" / "retrain.sh"
     env = dict(os.environ, OUT=str(tmp_path), STEPS="2", SAVE_STEPS="1", EVAL_EXAMPLES="8", TEXT_WIDTH="64",
-               VISION_STEPS="2", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+               VISION_STEPS="2", VISION_PICTURES="mixed", AFTER_VISION="--vision-learning-rate 1e-4",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
 
     def call(*families: str) -> str:
         result = subprocess.run(["bash", str(script), *families], capture_output=True, text=True, env=env,
@@ -352,6 +378,10 @@ def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
     assert "llava: training the vision encoder alone" in out and "fuyu: training the vision" not in out
     stage = json.loads((tmp_path / "llava.vision" / "vision_pretraining.json").read_text())
     assert stage["options"]["steps"] == 2 and stage["options"]["text_width"] == 64
+    assert stage["options"]["pictures"] == "mixed" and "(mixed pictures), then trained on with --vision" in out
+    rate = {f: json.loads((tmp_path / f / "training_log.json").read_text())["options"]["vision_learning_rate"]
+            for f in ("llava", "fuyu")}  # fmt: skip
+    assert rate == dict(llava=1e-4, fuyu=None)  # Fuyu had no stage, and has no encoder to give a rate
     assert json.loads((tmp_path / "llava" / "vision_pretraining.json").read_text()) == stage
     assert json.loads((tmp_path / "llava" / "config.json").read_text())["text_config"]["hidden_size"] == 64
     folder = tmp_path / "fuyu"
@@ -377,16 +407,19 @@ def test_every_family_of_the_registry_has_a_training_recipe():
     assert recipe_names() == sorted(FAMILIES)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "flamingo"])
-def test_the_vision_encoder_stage_trains_the_encoder_alone_and_the_task_trains_on_from_it(family, tmp_path):
+@pytest.mark.parametrize(("family", "pictures"), [("llava", "one-shape"), ("qwen2_vl", "mixed"), ("flamingo", "mixed")])
+def test_the_vision_encoder_stage_trains_the_encoder_alone_and_the_task_trains_on_from_it(family, pictures, tmp_path):
     from vlm_patterns.training.options import VisionPretrainOptions
     from vlm_patterns.training.pretrain_vision import pretrain_vision
     from vlm_patterns.training.train import build_model_and_processor
 
     stage = tmp_path / "stage"
     log = pretrain_vision(VisionPretrainOptions(family=family, output=str(stage), steps=3, batch_size=4,
-                                                eval_every=3, eval_examples=8), progress=False)  # fmt: skip
-    assert [p["step"] for p in log["held_out_curve"]] == [3]
+                                                eval_every=3, eval_examples=24, pictures=pictures), progress=False)  # fmt: skip
+    (point,) = log["held_out_curve"]
+    assert point["step"] == 3 and point["accuracy"] is not None and log["options"]["pictures"] == pictures
+    # The mixed stage's pictures also teach counting and reading, and the probe checks both.
+    assert all((point[key] is None) == (pictures == "one-shape") for key in ("count_accuracy", "word_accuracy"))
     fresh, _ = build_model_and_processor(TrainOptions(family=family, output=""))  # the same seed's new model
     from vlm_patterns.training.evaluate import load_checkpoint
 
@@ -409,8 +442,8 @@ def test_the_vision_encoder_stage_learns_to_name_single_objects(tmp_path):
     from vlm_patterns.training.options import VisionPretrainOptions
     from vlm_patterns.training.pretrain_vision import CLASSES, pretrain_vision
 
-    log = pretrain_vision(VisionPretrainOptions(family="llava", output=str(tmp_path), steps=80, batch_size=16,
-                                                eval_every=80, eval_examples=96), progress=False)  # fmt: skip
+    log = pretrain_vision(VisionPretrainOptions(family="llava", output=str(tmp_path), steps=200, batch_size=32,
+                                                eval_every=200, eval_examples=192), progress=False)  # fmt: skip
     # Colour is learnt first: right colour and a guessed shape is a third; chance over the 12 classes is 1/12.
     assert log["held_out_curve"][-1]["accuracy"] > 0.25, log["held_out_curve"]
     assert len(CLASSES) == 12
@@ -422,4 +455,6 @@ def test_fuyu_has_no_vision_encoder_stage(tmp_path):
 
     with pytest.raises(ValueError, match="fuyu has no vision encoder"):
         pretrain_vision(VisionPretrainOptions(family="fuyu", output=str(tmp_path)))
+    with pytest.raises(ValueError, match="--pictures must be one of one-shape, mixed"):
+        pretrain_vision(VisionPretrainOptions(family="llava", output=str(tmp_path), pictures="shapes"))
     assert not any(tmp_path.iterdir())

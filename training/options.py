@@ -19,6 +19,8 @@ class TrainOptions:
     warmup_steps: int = 200
     weight_decay: float = 0.01
     freeze: str = "none"
+    # The vision encoder's own peak rate (None: learning_rate), lower to keep what `pretrain-vision` taught it.
+    vision_learning_rate: float | None = None
     init_from: str | None = None
     lora: bool = False
     lora_rank: int = 16
@@ -56,7 +58,9 @@ class VisionPretrainOptions:
     without_code: bool = False
     seed: int = 0
     eval_every: int = 250
-    eval_examples: int = 300
+    eval_examples: int = 600
+    # one-shape: every picture one shape, named; mixed: also two to four shapes counted and words read.
+    pictures: str = "one-shape"
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser, defaults, per_step: str) -> None:
@@ -89,6 +93,9 @@ def add_vision_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps between held-out checks (default: %(default)s)")  # fmt: skip
     parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
                         help="held-out pictures per check (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--pictures", choices=["one-shape", "mixed"], default=defaults.pictures,
+                        help="one-shape: name the one object of each picture; mixed: half such, a third of two to "
+                             "four shapes to count, a sixth of a word to read (default: %(default)s)")  # fmt: skip
     parser.epilog = "Then: vlm-patterns train FAMILY --from OUTPUT --output ... (the task on top of the encoder)."
 
 
@@ -105,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of linear warm-up to the peak rate (default: %(default)s)")  # fmt: skip
     parser.add_argument("--freeze", choices=["none", "vision", "connector"], default=defaults.freeze,
                         help="none: train all; vision: keep the vision encoder fixed; connector: train only it")  # fmt: skip
+    parser.add_argument("--vision-learning-rate", type=float, default=defaults.vision_learning_rate,
+                        help="the vision encoder's own peak rate, on the same schedule (default: --learning-rate); "
+                             "lower, it adapts an encoder trained by pretrain-vision without forgetting it")  # fmt: skip
     parser.add_argument("--from", dest="init_from", help="start from this checkpoint of ours (fine-tuning)")
     parser.add_argument("--lora", action="store_true", help="LoRA adapters on the language model (peft)")
     parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="with --lora (default: %(default)s)")

@@ -4,74 +4,133 @@ The real patterns start from encoders trained on images first (LLaVA from CLIP, 
 ViT, Flamingo from a contrastively trained encoder). Trained from scratch only through the language model, the
 small encoders here never learned to tell a circle from a square: naming the only shape in a picture stayed at
 chance while its colour was always right. The answer's signal reaches the encoder through the projector and the
-language model, and that path is slow. This stage gives the encoder a direct one: it names the one object in a
-picture of the task's own kind (its colour and shape: 12 classes) through a linear head on its mean-pooled
-features. The head is thrown away; the checkpoint saved is the whole model with the trained encoder, and
-`vlm-patterns train FAMILY --from OUTPUT` teaches the task on top (with `--freeze vision` to keep the encoder as
-this stage leaves it). How much of it the whole model then uses is measured in the README's shape bullet.
+language model, and that path is slow. This stage gives the encoder a direct one, on pictures drawn as the task
+draws them: a linear head on the mean of its tokens names the one object of a one-shape picture (its colour and
+shape: 12 classes). With `--pictures mixed`, half the pictures are such; a third hold two to four shapes, which
+another head counts, and a sixth a word, which a third head reads: each picture teaches its own head. (Measured
+on LLaVA, the mixed stage names shapes far slower and the whole model trained on from it does no better: the
+README's shape bullet.) The heads are thrown away; the checkpoint saved is the whole model with the trained
+encoder, and `vlm-patterns train FAMILY --from OUTPUT` teaches the task on top, with `--freeze vision` to keep the
+encoder as this stage leaves it, or `--vision-learning-rate` to let it adapt slowly.
 
-Fuyu has no encoder (its patches go through one Linear into the language model): that is its pattern, so there is
-nothing to train alone, as the real Fuyu has no separately trained encoder.
+Each family's recipe says where its encoder's tokens come from (`encoder_tokens`). Fuyu has no encoder (its
+patches go through one Linear into the language model): that is its pattern, so there is nothing to train alone,
+as the real Fuyu has no separately trained encoder.
 """
 
 import json
 import shutil
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import nn
 
 from .options import TrainOptions, VisionPretrainOptions
-from .synthetic_vqa import COLORS, SHAPES, draw_scene
+from .synthetic_vqa import COLORS, NUMBERS, SHAPES, WORDS, draw_scene, draw_word
 
 CLASSES = [(color, shape) for color in COLORS for shape in SHAPES]
+# What the stage's pictures are, in what shares: one shape (named), two to four (counted) or a word (read).
+KINDS = ("one_shape", "shapes", "word")
+MIXES = {"one-shape": (1, 0, 0), "mixed": (1 / 2, 1 / 3, 1 / 6)}
+MAX_COUNT = len(NUMBERS) - 1
 # The stage's pictures come from streams of their own: (STREAM, seed, TRAINING) and (STREAM, seed, HELD_OUT).
 STREAM, TRAINING, HELD_OUT = 17, 0, 1
 
 
-def pooled_features_of(family: str) -> Callable[[nn.Module, dict], torch.Tensor] | None:
-    """The family's encoder features, mean-pooled per image as the connector would receive them (images, width):
-    its recipe's `pooled_encoder_features`, None for a family without an encoder."""
+def encoder_of(family: str) -> ModuleType | None:
+    """The family's recipe when it has a vision encoder to train alone (its `encoder_tokens`), else None."""
     from .recipes import recipe
 
-    return getattr(recipe(family), "pooled_encoder_features", None)
+    module = recipe(family)
+    return module if hasattr(module, "encoder_tokens") else None
 
 
-def pictures(rng: np.random.Generator, count: int) -> tuple[list, torch.Tensor]:
-    """`count` pictures of one object each, as the task draws them, and their classes."""
-    images, labels = [], []
-    for _ in range(count):
-        image, scene = draw_scene(rng, 1)
-        (thing,) = scene["objects"]
-        images.append(image)
-        labels.append(CLASSES.index((thing["color"], thing["shape"])))
-    return images, torch.tensor(labels)
+@dataclass
+class Batch:
+    """Pictures ready for the encoder and what each teaches: `kind` (pictures,) indexes KINDS; `label` is the
+    object's class (CLASSES), the number of shapes less two, or the word's index (WORDS)."""
+
+    inputs: dict
+    kind: torch.Tensor
+    label: torch.Tensor
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, processor, count: int, mix: str) -> "Batch":
+        """`count` pictures as the task draws them, each of a kind drawn in the shares of MIXES[mix]."""
+        images, kinds, labels = [], [], []
+        for kind in rng.choice(len(KINDS), size=count, p=MIXES[mix]):
+            if kind == 0:
+                image, scene = draw_scene(rng, 1)
+                (thing,) = scene["objects"]
+                label = CLASSES.index((thing["color"], thing["shape"]))
+            elif kind == 1:  # some share colour and shape, as the task's counting pictures do
+                image, scene = draw_scene(rng, int(rng.integers(2, MAX_COUNT + 1)), distinct=bool(rng.integers(2)))
+                label = len(scene["objects"]) - 2
+            else:
+                image, scene = draw_word(rng)
+                label = WORDS.index(scene["word"])
+            images.append(image)
+            kinds.append(int(kind))
+            labels.append(label)
+        inputs = dict(processor.image_processor(images, return_tensors="pt"))
+        return cls(inputs, torch.tensor(kinds), torch.tensor(labels))
 
 
-def image_inputs(processor, images: list) -> dict:
-    return dict(processor.image_processor(images, return_tensors="pt"))
+class Heads(nn.Module):
+    """Linear read-outs of the pooled tokens, one per kind of picture. Dropped after the stage."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(width, n) for n in (len(CLASSES), MAX_COUNT - 1, len(WORDS)))
+
+    def forward(self, tokens: list[torch.Tensor], kind: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per kind, the logits of the pictures of that kind (None when the batch has none)."""
+        pooled = torch.stack([image.mean(0) for image in tokens])
+        return [head(pooled[kind == k]) if (kind == k).any() else None for k, head in enumerate(self.heads)]
+
+    def loss(self, tokens: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+        """Each picture's cross-entropy on its own head, averaged over the pictures."""
+        logits = self(tokens, batch.kind)
+        return sum(nn.functional.cross_entropy(out, batch.label[batch.kind == k], reduction="sum")
+                   for k, out in enumerate(logits) if out is not None) / len(batch.kind)  # fmt: skip
 
 
 class Probe:
-    """Held-out accuracy of the encoder and its head: of the whole class, and of the shape alone."""
+    """Held-out accuracy of the encoder and its heads on pictures of the stage's own mix: `accuracy`, the one object
+    named (colour and shape); `shape_accuracy`, its shape alone; `count_accuracy`, two to four shapes counted;
+    `word_accuracy`, the word read."""
 
-    def __init__(self, processor, num_examples: int, seed: int):
-        images, self.labels = pictures(np.random.default_rng([STREAM, seed, HELD_OUT]), num_examples)
-        self.inputs = [image_inputs(processor, images[i : i + 64]) for i in range(0, num_examples, 64)]
+    def __init__(self, processor, num_examples: int, seed: int, mix: str):
+        rng = np.random.default_rng([STREAM, seed, HELD_OUT])
+        self.batches = [Batch.draw(rng, processor, min(64, num_examples - i), mix) for i in range(0, num_examples, 64)]
 
     @torch.no_grad()
-    def measure(self, model, head: nn.Module, pooled) -> dict:
-        predicted = torch.cat([head(pooled(model, inputs)).argmax(-1) for inputs in self.inputs])
+    def measure(self, family: ModuleType, model, heads: Heads) -> dict:
+        predicted = {k: [] for k in range(len(KINDS))}
+        truth = {k: [] for k in range(len(KINDS))}
+        for batch in self.batches:
+            for k, out in enumerate(heads(family.encoder_tokens(model, batch.inputs), batch.kind)):
+                if out is not None:
+                    predicted[k].append(out.argmax(-1))
+                    truth[k].append(batch.label[batch.kind == k])
+        predicted, truth = ({k: torch.cat(v) for k, v in d.items() if v} for d in (predicted, truth))
         shape_of = torch.tensor([SHAPES.index(shape) for _, shape in CLASSES])
-        return dict(accuracy=(predicted == self.labels).float().mean().item(),
-                    shape_accuracy=(shape_of[predicted] == shape_of[self.labels]).float().mean().item())  # fmt: skip
+        right = {k: (predicted[k] == truth[k]).float().mean().item() for k in predicted}
+        return dict(accuracy=right.get(0), count_accuracy=right.get(1), word_accuracy=right.get(2),
+                    shape_accuracy=(shape_of[predicted[0]] == shape_of[truth[0]]).float().mean().item()
+                    if 0 in predicted else None)  # fmt: skip
+
+
+def percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def pretrain_vision(options: VisionPretrainOptions, progress: bool = True) -> dict:
-    """Train the family's vision encoder to name single objects; save the whole model (`options.output`) with the
+    """Train the family's vision encoder to say what pictures hold; save the whole model (`options.output`) with the
     log (`vision_pretraining.json`: options, seconds, the held-out curve). Returns the log."""
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -79,10 +138,12 @@ def pretrain_vision(options: VisionPretrainOptions, progress: bool = True) -> di
     from .recipes import recipe
     from .train import VISION_LOG, build_model_and_processor, portable_options, strip_code
 
-    pooled = pooled_features_of(options.family)  # an unknown family fails here
-    if pooled is None:
+    family = encoder_of(options.family)  # an unknown family fails here
+    if family is None:
         raise ValueError(f"{options.family} has no vision encoder to pre-train: {recipe(options.family).NO_ENCODER}; "
                          f"train it with `vlm-patterns train {options.family}`")  # fmt: skip
+    if options.pictures not in MIXES:
+        raise ValueError(f"--pictures must be one of {', '.join(MIXES)}, not {options.pictures!r}")
     torch.manual_seed(options.seed)
     model, processor = build_model_and_processor(TrainOptions(
         family=options.family, output=options.output, init_from=options.init_from, seed=options.seed,
@@ -92,11 +153,12 @@ def pretrain_vision(options: VisionPretrainOptions, progress: bool = True) -> di
     model.requires_grad_(False)
     for parameter in encoder:
         parameter.requires_grad_(True)
-    probe = Probe(processor, options.eval_examples, options.seed)
+    probe = Probe(processor, options.eval_examples, options.seed, options.pictures)
     rng = np.random.default_rng([STREAM, options.seed, TRAINING])
-    width = pooled(model, probe.inputs[0]).shape[-1]
-    head = nn.Linear(width, len(CLASSES))
-    optimizer = torch.optim.AdamW(encoder + list(head.parameters()), lr=options.learning_rate,
+    with torch.no_grad():
+        width = family.encoder_tokens(model, probe.batches[0].inputs)[0].shape[-1]
+    heads = Heads(width)
+    optimizer = torch.optim.AdamW(encoder + list(heads.parameters()), lr=options.learning_rate,
                                   weight_decay=options.weight_decay)  # fmt: skip
     # Warm-up over a tenth of the run (at most 100 steps), then cosine decay, as the task's recipe does.
     schedule = get_cosine_schedule_with_warmup(optimizer, min(100, options.steps // 10), options.steps)
@@ -104,19 +166,20 @@ def pretrain_vision(options: VisionPretrainOptions, progress: bool = True) -> di
     model.train()
     bar = tqdm(range(1, options.steps + 1), desc=f"{options.family} vision encoder", disable=not progress)
     for step in bar:
-        images, labels = pictures(rng, options.batch_size)
-        loss = nn.functional.cross_entropy(head(pooled(model, image_inputs(processor, images))), labels)
+        batch = Batch.draw(rng, processor, options.batch_size, options.pictures)
+        loss = heads.loss(family.encoder_tokens(model, batch.inputs), batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % options.eval_every == 0 or step == options.steps:
             model.eval()
-            point = dict(step=step, **probe.measure(model, head, pooled))
+            point = dict(step=step, **probe.measure(family, model, heads))
             model.train()
             curve.append(point)
-            bar.write(f"step {step}: held-out {100 * point['accuracy']:.1f}% (shape {100 * point['shape_accuracy']:.1f}%)"
-                      f", loss {loss.item():.3f}")  # fmt: skip
+            bar.write(f"step {step}, held-out: one object named {percent(point['accuracy'])} (its shape "
+                      f"{percent(point['shape_accuracy'])}), shapes counted {percent(point['count_accuracy'])}, "
+                      f"words read {percent(point['word_accuracy'])}; loss {loss.item():.3f}")  # fmt: skip
     model.requires_grad_(True)
     output = Path(options.output)
     model.save_pretrained(output)

@@ -8,11 +8,14 @@
 # evaluation logs, and comparison/ with the README table once every family asked for has finished. With
 # VISION_STEPS (0 by default, as the shipped models were trained), a family with a vision encoder first trains it
 # alone for that many steps (`vlm-patterns pretrain-vision`, into $OUT/<family>.vision, kept across calls) and learns
-# the task from there; Fuyu has no encoder.
+# the task from there; Fuyu has no encoder. VISION_PICTURES picks the stage's pictures (one-shape or mixed) and
+# AFTER_VISION adds options to the task's run of a family that had the stage (--freeze vision, or
+# --vision-learning-rate R to let the encoder adapt at its own rate).
 #   bash training/retrain.sh                                      # the shipped recipe: 6000 steps, width 128, 3 layers
 #   STEPS=20000 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh
 #   TRAIN_SECONDS=3600 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh    # a CPU: an hour now, more later
 #   VISION_STEPS=2000 bash training/retrain.sh                   # each vision encoder first trained alone
+#   VISION_STEPS=2000 AFTER_VISION="--freeze vision" bash training/retrain.sh   # ... and kept as it is (best so far)
 #   STEPS=4 SAVE_STEPS=2 VISION_STEPS=2 EVAL_EXAMPLES=8 bash training/retrain.sh fuyu llava   # a dry run
 # TRAIN_SECONDS bounds each family's run on a GPU (420 by default) and the families' runs together on a CPU (no
 # bound by default); a run stopped by it keeps its latest checkpoint. Promote a result by copying its folders over
@@ -25,6 +28,8 @@ SAVE_STEPS=${SAVE_STEPS:-250}
 TEXT_WIDTH=${TEXT_WIDTH:-128}
 TEXT_LAYERS=${TEXT_LAYERS:-3}
 VISION_STEPS=${VISION_STEPS:-0}
+VISION_PICTURES=${VISION_PICTURES:-one-shape}
+read -r -a AFTER_VISION <<< "${AFTER_VISION:-}"
 EVAL_EXAMPLES=${EVAL_EXAMPLES:-3000}
 mkdir -p "$OUT"
 FAMILIES=("$@")
@@ -38,8 +43,9 @@ else
     workers=$(( ($(nproc) - 1) / ${#FAMILIES[@]} ))
 fi
 encoders=" $(python -c 'from vlm_patterns.training import pretrain_vision as p, recipes as r
-print(*(f for f in r.recipe_names() if p.pooled_features_of(f)))') "
-stage=$( [ "$VISION_STEPS" -gt 0 ] && echo "; vision encoders first trained alone for $VISION_STEPS steps" || true)
+print(*(f for f in r.recipe_names() if p.encoder_of(f)))') "
+stage=$( [ "$VISION_STEPS" -gt 0 ] && echo "; vision encoders first trained alone for $VISION_STEPS steps \
+($VISION_PICTURES pictures)${AFTER_VISION[*]:+, then trained on with ${AFTER_VISION[*]}}" || true)
 echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers$stage"
 
 train() {  # family, seconds (0: no bound)
@@ -48,9 +54,9 @@ train() {  # family, seconds (0: no bound)
         if [ ! -f "$OUT/$family.vision/vision_pretraining.json" ]; then  # written when the stage is done
             echo "$family: training the vision encoder alone"
             vlm-patterns pretrain-vision "$family" --output "$OUT/$family.vision" --without-code \
-                --steps "$VISION_STEPS" "${start[@]}" >> "$OUT/$family.train.log" 2>&1
+                --steps "$VISION_STEPS" --pictures "$VISION_PICTURES" "${start[@]}" >> "$OUT/$family.train.log" 2>&1
         fi
-        start=(--from "$OUT/$family.vision")  # the language model's size comes with it
+        start=(--from "$OUT/$family.vision" "${AFTER_VISION[@]}")  # the language model's size comes with it
     fi
     compgen -G "$OUT/$family/trainer/checkpoint-*" > /dev/null && resume=(--resume)
     echo "$family: ${resume[*]:+resuming, }training$( [ "$seconds" -gt 0 ] && echo " for at most $seconds s")"

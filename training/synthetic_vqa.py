@@ -144,6 +144,20 @@ def draw_scene(rng: np.random.Generator, count: int, distinct: bool = True) -> t
     raise RuntimeError("could not place the shapes")  # unreachable for the sizes used
 
 
+def draw_word(rng: np.random.Generator) -> tuple[PIL.Image.Image, dict]:
+    """A canvas with one word in small print somewhere on it. Returns the image and the scene: its background and
+    the word."""
+    image, background = _canvas(rng)
+    word = WORDS[int(rng.integers(len(WORDS)))]
+    draw = PIL.ImageDraw.Draw(image)
+    font = _font(int(rng.integers(10, 15)))
+    left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
+    x = int(rng.integers(2, max(3, image.width - (right - left) - 2)))
+    y = int(rng.integers(2, max(3, image.height - (bottom - top) - 2)))
+    draw.text((x - left, y - top), word, fill=(20, 20, 20), font=font)
+    return image, dict(background=background, word=word)
+
+
 def _font(size: int) -> PIL.ImageFont.ImageFont:
     try:
         return PIL.ImageFont.load_default(size=size)
@@ -178,15 +192,8 @@ def make_example(seed: int, kinds: tuple[str, ...] = KINDS) -> Example:
         )
         return Example([image], question, "left" if a["x"] < b["x"] else "right", kind, dict(scenes=[scene]))
     if kind == "read":
-        image, background = _canvas(rng)
-        word = WORDS[int(rng.integers(len(WORDS)))]
-        draw = PIL.ImageDraw.Draw(image)
-        font = _font(int(rng.integers(10, 15)))
-        left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
-        x = int(rng.integers(2, max(3, image.width - (right - left) - 2)))
-        y = int(rng.integers(2, max(3, image.height - (bottom - top) - 2)))
-        draw.text((x - left, y - top), word, fill=(20, 20, 20), font=font)
-        return Example([image], QUESTION_TEMPLATES["read"], word, kind, dict(scenes=[dict(background=background)]))
+        image, scene = draw_word(rng)
+        return Example([image], QUESTION_TEMPLATES["read"], scene.pop("word"), kind, dict(scenes=[scene]))
     # compare: two scenes with different counts
     first, second = (int(v) for v in rng.choice(np.arange(1, 5), size=2, replace=False))
     image_a, scene_a = draw_scene(rng, first, distinct=False)

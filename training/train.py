@@ -96,6 +96,40 @@ def apply_freezing(model, strategy: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def check_vision_learning_rate(model, options: TrainOptions) -> None:
+    """A separate rate for the vision encoder needs an encoder that trains, under its own names."""
+    if options.vision_learning_rate is None:
+        return
+    if not model.vision_encoder_prefixes:
+        raise ValueError(f"--vision-learning-rate: {options.family} has no vision encoder")
+    if options.freeze != "none" or options.lora:
+        raise ValueError("--vision-learning-rate needs the vision encoder to train: not with --freeze or --lora")
+
+
+def with_vision_rate(trainer_class, vision_rate: float | None):
+    """`trainer_class` whose optimizer gives the vision encoder's weights groups of their own at `vision_rate` (the
+    schedule scales every group's peak alike); `trainer_class` itself when `vision_rate` is None."""
+    if vision_rate is None:
+        return trainer_class
+
+    class VisionRateTrainer(trainer_class):
+        def create_optimizer(self, model=None):
+            fresh = self.optimizer is None
+            optimizer = super().create_optimizer(model)
+            if fresh:  # no step taken yet: regrouping loses no state, and a resumed run's state has these groups
+                named = (model or self.model).named_parameters()
+                encoder = {id(p) for name, p in named if name.startswith(self.model.vision_encoder_prefixes)}
+                groups = []
+                for group in optimizer.param_groups:
+                    groups.append(dict(group, params=[p for p in group["params"] if id(p) not in encoder]))
+                    if mine := [p for p in group["params"] if id(p) in encoder]:
+                        groups.append(dict(group, params=mine, lr=vision_rate))
+                optimizer.param_groups = groups
+            return optimizer
+
+    return VisionRateTrainer
+
+
 def add_lora(model, rank: int):
     """Low-rank adapters on the language model's projections; the connector trains fully beside them."""
     from peft import LoraConfig, get_peft_model
@@ -235,6 +269,7 @@ def train(options: TrainOptions) -> dict:
     multi_image = processor.max_images_per_prompt != 1
     kinds = kinds_for(multi_image, options.kinds)  # a kind this family cannot be asked fails here
     trainable = apply_freezing(model, options.freeze)
+    check_vision_learning_rate(model, options)
     if options.lora:
         model = add_lora(model, options.lora_rank)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -248,7 +283,7 @@ def train(options: TrainOptions) -> dict:
     args = training_arguments(options, output, scratch)
     stream = SyntheticStream(options.seed, multi_image, kinds, batch_size=args.train_batch_size)
     timing = TrainingTime(Path(args.output_dir))
-    trainer = Trainer(
+    trainer = with_vision_rate(Trainer, options.vision_learning_rate)(
         model=model,
         args=args,
         train_dataset=stream,

@@ -31,10 +31,11 @@ def processor(tokenizer) -> FlamingoPatternProcessor:
     )
 
 
-def pooled_encoder_features(model, inputs: dict) -> torch.Tensor:
-    """The ViT's patch features as the resampler receives them, mean-pooled per image (`pretrain-vision`)."""
+def encoder_tokens(model, inputs: dict) -> list[torch.Tensor]:
+    """The ViT's features as the resampler receives them, one (tokens, width) tensor per image
+    (`vlm-patterns pretrain-vision`)."""
     images = inputs["pixel_values"]  # (I, 3, S, S), or (B, I, 3, S, S) as the model takes them
     (features,) = model.model.vision_model(images.flatten(0, 1) if images.dim() == 5 else images, [-1])  # (I, 1+P, Dv)
     if model.config.vision_feature_select_strategy == "default":
         features = features[:, 1:]
-    return features.mean(1)
+    return list(features)

@@ -8,7 +8,7 @@ from . import text_config
 
 TOKENS = dict(bos="<s>", eos="|ENDOFTEXT|", pad="<pad>")
 PROCESSOR_PLACES_BOS = True  # the tokenizer must not add it again
-# No `pooled_encoder_features`: nothing to train alone before the task (`vlm-patterns pretrain-vision`).
+# No `encoder_tokens`: nothing to train alone before the task (`vlm-patterns pretrain-vision`).
 NO_ENCODER = "its patches go through one Linear into the language model (that is its pattern)"
 
 

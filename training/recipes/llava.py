@@ -29,10 +29,11 @@ def processor(tokenizer) -> LlavaPatternProcessor:
     )  # fmt: skip
 
 
-def pooled_encoder_features(model, inputs: dict) -> torch.Tensor:
-    """The ViT's patch features as the projector receives them, mean-pooled per image (`vlm-patterns pretrain-vision`)."""
+def encoder_tokens(model, inputs: dict) -> list[torch.Tensor]:
+    """The ViT's patch features as the projector receives them, one (tokens, width) tensor per image in raster
+    order (`vlm-patterns pretrain-vision`)."""
     config = model.config
     features = torch.cat(model.model.vision_tower(inputs["pixel_values"], config.feature_layers), dim=-1)
     if config.vision_feature_select_strategy == "default":
         features = features[:, 1:]  # the class token is not handed on either
-    return features.mean(1)
+    return list(features)

@@ -31,12 +31,12 @@ def processor(tokenizer) -> Qwen2VLPatternProcessor:
     return Qwen2VLPatternProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def pooled_encoder_features(model, inputs: dict) -> torch.Tensor:
-    """The ViT blocks' output, before the PatchMerger (the connector, trained with the task), mean-pooled per image
-    (`vlm-patterns pretrain-vision`)."""
+def encoder_tokens(model, inputs: dict) -> list[torch.Tensor]:
+    """The ViT blocks' output, before the PatchMerger (the connector, trained with the task): one (patches, width)
+    tensor per image, in the processor's merge-window order (`vlm-patterns pretrain-vision`)."""
     visual, patches = model.model.visual, inputs["pixel_values"]
     lengths, rotary = visual.layout(patches, inputs["image_grid_thw"])
     hidden_states = visual.patch_embed(patches)
     for block in visual.blocks:
         hidden_states = block(hidden_states, rotary, lengths)
-    return torch.stack([image.mean(0) for image in hidden_states.split(lengths)])
+    return list(hidden_states.split(lengths))
