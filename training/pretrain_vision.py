@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from .options import TrainOptions, VisionPretrainOptions
-from .synthetic_vqa import COLORS, NUMBERS, SHAPES, WORDS, draw_scene, draw_word
+from .synthetic_vqa import NUMBERS, PAIRS, SHAPES, WORDS, draw_scene, draw_word
 
-CLASSES = [(color, shape) for color in COLORS for shape in SHAPES]
+CLASSES = PAIRS  # the one object of a one-shape picture, named
 # What the stage's pictures are, in what shares: one shape (named), two to four (counted) or a word (read).
 KINDS = ("one_shape", "shapes", "word")
 MIXES = {"one-shape": (1, 0, 0), "mixed": (1 / 2, 1 / 3, 1 / 6)}

@@ -25,6 +25,7 @@ import PIL.ImageFont
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
+PAIRS = tuple((color, shape) for color in COLORS for shape in SHAPES)  # every object a scene can hold
 NUMBERS = ("zero", "one", "two", "three", "four")
 WORDS = ("cat", "dog", "sun", "car", "tree", "fish", "bird", "book")
 KINDS = ("color", "shape", "count", "position", "read", "compare")
@@ -127,13 +128,12 @@ def draw_scene(rng: np.random.Generator, count: int, distinct: bool = True) -> t
         image, background = _canvas(rng)
         draw = PIL.ImageDraw.Draw(image)
         objects, taken = [], []
-        pairs = [(c, s) for c in COLORS for s in SHAPES]
-        order = rng.permutation(len(pairs)) if distinct else rng.integers(0, len(pairs), size=count)
+        order = rng.permutation(len(PAIRS)) if distinct else rng.integers(0, len(PAIRS), size=count)
         for index, size in zip(order[:count], _sizes(rng, image, count), strict=True):
             spot = _place(rng, image.width, image.height, size, taken)
             if spot is None:
                 break
-            color, shape = pairs[int(index)]
+            color, shape = PAIRS[int(index)]
             pen = _pen(rng, size)
             _draw(draw, shape, color, *spot, size, pen=pen)
             taken.append((*spot, size))
