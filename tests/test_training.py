@@ -359,29 +359,40 @@ def test_the_language_model_size_is_an_option(tmp_path):
 
 def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
     """training/retrain.sh, dry-run on this machine (one family after another, as on any CPU): trains LLaVA's vision
-    encoder alone first and Fuyu's patches with the task (it has no encoder), keeps the latest Trainer checkpoint,
-    evaluates (the Space's evaluation.json) and writes the comparison; called again it leaves a finished family
-    alone, and resumes one whose run was cut short."""
+    encoder alone first and Fuyu's patches with the task (it has no encoder), then a second run from each first one
+    (LLaVA's encoder, frozen in the first, thawed at its own rate), keeps the latest Trainer checkpoint, evaluates
+    (the Space's evaluation.json) and writes the comparison; called again it leaves a finished family alone, and
+    resumes one whose run was cut short."""
     script = Path(__file__).parents[1] / "training" / "retrain.sh"
     env = dict(os.environ, OUT=str(tmp_path), STEPS="2", SAVE_STEPS="1", EVAL_EXAMPLES="8", TEXT_WIDTH="64",
-               VISION_STEPS="2", VISION_PICTURES="mixed", AFTER_VISION="--vision-learning-rate 1e-4",
+               VISION_STEPS="2", VISION_PICTURES="mixed", AFTER_VISION="--freeze vision", SECOND_STEPS="2",
+               SECOND_VISION="--vision-learning-rate 1e-4",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
 
-    def call(*families: str) -> str:
-        result = subprocess.run(["bash", str(script), *families], capture_output=True, text=True, env=env,
-                                timeout=600)  # fmt: skip
+    def call(*families: str, **changes: str) -> str:
+        result = subprocess.run(["bash", str(script), *families], capture_output=True, text=True,
+                                env=dict(env, **changes), timeout=600)  # fmt: skip
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return result.stdout
 
     out = call("fuyu", "llava")
-    assert "language model 64 wide x 3 layers" in out and "fuyu: training" in out and "fuyu: trained" in out
+    assert "language model 64 wide x 3 layers" in out and "fuyu: training (the first run)" in out
+    assert "fuyu: training (the second run)" in out and "fuyu: trained" in out
     assert "llava: training the vision encoder alone" in out and "fuyu: training the vision" not in out
+    assert "(mixed pictures), then trained on with --freeze vision; then 2 steps at 2.5e-4 (--vision" in out
     stage = json.loads((tmp_path / "llava.vision" / "vision_pretraining.json").read_text())
     assert stage["options"]["steps"] == 2 and stage["options"]["text_width"] == 64
-    assert stage["options"]["pictures"] == "mixed" and "(mixed pictures), then trained on with --vision" in out
-    rate = {f: json.loads((tmp_path / f / "training_log.json").read_text())["options"]["vision_learning_rate"]
-            for f in ("llava", "fuyu")}  # fmt: skip
-    assert rate == dict(llava=1e-4, fuyu=None)  # Fuyu had no stage, and has no encoder to give a rate
+    assert stage["options"]["pictures"] == "mixed"
+    logs = {f: json.loads((tmp_path / f / "training_log.json").read_text()) for f in ("llava", "fuyu")}
+    second = {f: {k: log["options"][k] for k in ("steps", "learning_rate", "warmup_steps", "vision_learning_rate")}
+              for f, log in logs.items()}  # fmt: skip
+    assert second == dict(llava=dict(steps=2, learning_rate=2.5e-4, warmup_steps=50, vision_learning_rate=1e-4),
+                          fuyu=dict(steps=2, learning_rate=2.5e-4, warmup_steps=50, vision_learning_rate=None))  # fmt: skip
+    # The first runs: LLaVA's from its stage with its encoder frozen; Fuyu had no stage, and nothing to freeze.
+    first = {f: {k: log["started_from"]["options"][k] for k in ("freeze", "init_from")} for f, log in logs.items()}
+    assert first == dict(
+        llava=dict(freeze="vision", init_from="llava.vision"), fuyu=dict(freeze="none", init_from=None)
+    )
     assert json.loads((tmp_path / "llava" / "vision_pretraining.json").read_text()) == stage
     assert json.loads((tmp_path / "llava" / "config.json").read_text())["text_config"]["hidden_size"] == 64
     folder = tmp_path / "fuyu"
@@ -393,14 +404,22 @@ def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
     out = call("fuyu")
     assert "fuyu: trained" in out and "fuyu: training" not in out and "resuming" not in out
     # A run stopped before its end has a Trainer checkpoint but no training_log.json: the next call resumes it,
-    # from the vision stage already done.
+    # from the vision stage and the first run already done.
     for family in ("fuyu", "llava"):
         (tmp_path / family / "training_log.json").unlink()
         (tmp_path / family / "evaluation.json").unlink()
     out = call("fuyu", "llava")
-    assert "fuyu: resuming, training" in out and (folder / "training_log.json").exists()
-    assert "llava: resuming, training" in out and "llava: training the vision encoder alone" not in out
+    assert "fuyu: resuming, training (the second run)" in out and (folder / "training_log.json").exists()
+    assert "llava: resuming, training (the second run)" in out and "the first run" not in out
+    assert "llava: training the vision encoder alone" not in out
     assert [run["from_step"] for run in json.loads((folder / "training_log.json").read_text())["runs"]] == [0, 2]
+
+    # Without SECOND_STEPS the one run lands in the family's folder, as the comparison expects.
+    out = call("fuyu", OUT=str(tmp_path / "one"), SECOND_STEPS="0")
+    assert "fuyu: training for" not in out and "fuyu: training\n" in out and "the first run" not in out
+    log = json.loads((tmp_path / "one" / "fuyu" / "training_log.json").read_text())
+    assert log["options"]["steps"] == 2 and "started_from" not in log
+    assert (tmp_path / "one" / "comparison" / "comparison.md").exists()
 
 
 def test_every_family_of_the_registry_has_a_training_recipe():

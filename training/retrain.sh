@@ -10,14 +10,19 @@
 # alone for that many steps (`vlm-patterns pretrain-vision`, into $OUT/<family>.vision, kept across calls) and learns
 # the task from there; Fuyu has no encoder. VISION_PICTURES picks the stage's pictures (one-shape or mixed) and
 # AFTER_VISION adds options to the task's run of a family that had the stage (--freeze vision, or
-# --vision-learning-rate R to let the encoder adapt at its own rate).
+# --vision-learning-rate R to let the encoder adapt at its own rate). With SECOND_STEPS, each family's first run
+# (then in $OUT/<family>.first) is followed by a second of that many steps from its weights, at SECOND_RATE after 50
+# warm-up steps, into $OUT/<family>; SECOND_VISION adds options to the second run of a family that had the stage
+# (--vision-learning-rate R thaws an encoder the first run kept frozen). Fuyu gets the same steps and rates.
 #   bash training/retrain.sh                                      # the shipped recipe: 6000 steps, width 128, 3 layers
 #   STEPS=20000 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh
 #   TRAIN_SECONDS=3600 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh    # a CPU: an hour now, more later
 #   VISION_STEPS=2000 bash training/retrain.sh                   # each vision encoder first trained alone
-#   VISION_STEPS=2000 AFTER_VISION="--freeze vision" bash training/retrain.sh   # ... and kept as it is (best so far)
+#   VISION_STEPS=2000 AFTER_VISION="--freeze vision" bash training/retrain.sh   # ... and kept as it is
+#   VISION_STEPS=2000 AFTER_VISION="--freeze vision" SECOND_STEPS=1500 SECOND_VISION="--vision-learning-rate 1e-4" \
+#       bash training/retrain.sh                                 # ... then thawed at a fifth of the rate (best so far)
 #   STEPS=4 SAVE_STEPS=2 VISION_STEPS=2 EVAL_EXAMPLES=8 bash training/retrain.sh fuyu llava   # a dry run
-# TRAIN_SECONDS bounds each family's run on a GPU (420 by default) and the families' runs together on a CPU (no
+# TRAIN_SECONDS bounds each family's runs on a GPU (420 by default) and the families' runs together on a CPU (no
 # bound by default); a run stopped by it keeps its latest checkpoint. Promote a result by copying its folders over
 # training/checkpoints/ and running `python -m vlm_patterns.training.ship` (which adds the code for trust_remote_code).
 set -euo pipefail
@@ -30,6 +35,9 @@ TEXT_LAYERS=${TEXT_LAYERS:-3}
 VISION_STEPS=${VISION_STEPS:-0}
 VISION_PICTURES=${VISION_PICTURES:-one-shape}
 read -r -a AFTER_VISION <<< "${AFTER_VISION:-}"
+SECOND_STEPS=${SECOND_STEPS:-0}
+SECOND_RATE=${SECOND_RATE:-2.5e-4}
+read -r -a SECOND_VISION <<< "${SECOND_VISION:-}"
 EVAL_EXAMPLES=${EVAL_EXAMPLES:-3000}
 mkdir -p "$OUT"
 FAMILIES=("$@")
@@ -46,10 +54,15 @@ encoders=" $(python -c 'from vlm_patterns.training import pretrain_vision as p, 
 print(*(f for f in r.recipe_names() if p.encoder_of(f)))') "
 stage=$( [ "$VISION_STEPS" -gt 0 ] && echo "; vision encoders first trained alone for $VISION_STEPS steps \
 ($VISION_PICTURES pictures)${AFTER_VISION[*]:+, then trained on with ${AFTER_VISION[*]}}" || true)
-echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers$stage"
+second=$( [ "$SECOND_STEPS" -gt 0 ] && echo "; then $SECOND_STEPS steps at $SECOND_RATE\
+${SECOND_VISION[*]:+ (${SECOND_VISION[*]} after the stage)}" || true)
+echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers\
+$stage$second"
 
 train() {  # family, seconds (0: no bound)
-    local family=$1 seconds=$2 resume=() start=(--text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS")
+    local family=$1 seconds=$2 start=(--text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS") second=()
+    local deadline=$(( $(date +%s) + seconds )) first=$OUT/$family
+    [ "$SECOND_STEPS" -gt 0 ] && first=$OUT/$family.first
     if [ "$VISION_STEPS" -gt 0 ] && [[ $encoders == *" $family "* ]]; then
         if [ ! -f "$OUT/$family.vision/vision_pretraining.json" ]; then  # written when the stage is done
             echo "$family: training the vision encoder alone"
@@ -57,13 +70,28 @@ train() {  # family, seconds (0: no bound)
                 --steps "$VISION_STEPS" --pictures "$VISION_PICTURES" "${start[@]}" >> "$OUT/$family.train.log" 2>&1
         fi
         start=(--from "$OUT/$family.vision" "${AFTER_VISION[@]}")  # the language model's size comes with it
+        second=("${SECOND_VISION[@]}")
     fi
-    compgen -G "$OUT/$family/trainer/checkpoint-*" > /dev/null && resume=(--resume)
-    echo "$family: ${resume[*]:+resuming, }training$( [ "$seconds" -gt 0 ] && echo " for at most $seconds s")"
-    timeout "${seconds}s" vlm-patterns train "$family" --output "$OUT/$family" --without-code --steps "$STEPS" \
-        "${start[@]}" "${resume[@]}" --save_strategy steps \
-        --save_steps "$SAVE_STEPS" --save_total_limit 1 --dataloader_num_workers "$workers" --disable_tqdm true \
-        >> "$OUT/$family.train.log" 2>&1
+    if [ ! -f "$first/training_log.json" ]; then
+        run "$family" "$first" "$seconds" "$deadline" "the first run" --steps "$STEPS" "${start[@]}" || return
+    fi
+    [ "$SECOND_STEPS" -gt 0 ] || return 0
+    run "$family" "$OUT/$family" "$seconds" "$deadline" "the second run" --from "$first" --steps "$SECOND_STEPS" \
+        --learning-rate "$SECOND_RATE" --warmup-steps 50 "${second[@]}"
+}
+run() {  # family, output folder, seconds (0: no bound), deadline, what, train options...
+    local family=$1 output=$2 seconds=$3 deadline=$4 what=" ($5)" resume=() bound=0
+    shift 5
+    [ "$SECOND_STEPS" -gt 0 ] || what=""  # one run: nothing to tell apart
+    if [ "$seconds" -gt 0 ]; then
+        bound=$(( deadline - $(date +%s) ))
+        [ "$bound" -gt 0 ] || return 124
+    fi
+    compgen -G "$output/trainer/checkpoint-*" > /dev/null && resume=(--resume)
+    echo "$family: ${resume[*]:+resuming, }training$what$( [ "$bound" -gt 0 ] && echo " for at most $bound s")"
+    timeout "${bound}s" vlm-patterns train "$family" --output "$output" --without-code "$@" "${resume[@]}" \
+        --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 1 --dataloader_num_workers "$workers" \
+        --disable_tqdm true >> "$OUT/$family.train.log" 2>&1
 }
 trained() { [ -f "$OUT/$1/training_log.json" ]; }  # written when a run reaches its last step
 
