@@ -61,7 +61,8 @@ $stage$second"
 
 train() {  # family, seconds (0: no bound)
     local family=$1 seconds=$2 start=(--text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS") second=()
-    local deadline=$(( $(date +%s) + seconds )) first=$OUT/$family
+    local deadline=0 first=$OUT/$family  # deadline 0: no bound
+    [ "$seconds" -gt 0 ] && deadline=$(( $(date +%s) + seconds ))
     [ "$SECOND_STEPS" -gt 0 ] && first=$OUT/$family.first
     if [ "$VISION_STEPS" -gt 0 ] && [[ $encoders == *" $family "* ]]; then
         if [ ! -f "$OUT/$family.vision/vision_pretraining.json" ]; then  # written when the stage is done
@@ -73,17 +74,17 @@ train() {  # family, seconds (0: no bound)
         second=("${SECOND_VISION[@]}")
     fi
     if [ ! -f "$first/training_log.json" ]; then
-        run "$family" "$first" "$seconds" "$deadline" "the first run" --steps "$STEPS" "${start[@]}" || return
+        run "$family" "$first" "$deadline" "the first run" --steps "$STEPS" "${start[@]}" || return
     fi
     [ "$SECOND_STEPS" -gt 0 ] || return 0
-    run "$family" "$OUT/$family" "$seconds" "$deadline" "the second run" --from "$first" --steps "$SECOND_STEPS" \
+    run "$family" "$OUT/$family" "$deadline" "the second run" --from "$first" --steps "$SECOND_STEPS" \
         --learning-rate "$SECOND_RATE" --warmup-steps 50 "${second[@]}"
 }
-run() {  # family, output folder, seconds (0: no bound), deadline, what, train options...
-    local family=$1 output=$2 seconds=$3 deadline=$4 what=" ($5)" resume=() bound=0
-    shift 5
+run() {  # family, output folder, deadline (0: no bound), what, train options...
+    local family=$1 output=$2 deadline=$3 what=" ($4)" resume=() bound=0
+    shift 4
     [ "$SECOND_STEPS" -gt 0 ] || what=""  # one run: nothing to tell apart
-    if [ "$seconds" -gt 0 ]; then
+    if [ "$deadline" -gt 0 ]; then
         bound=$(( deadline - $(date +%s) ))
         [ "$bound" -gt 0 ] || return 124
     fi
