@@ -358,11 +358,11 @@ def test_the_language_model_size_is_an_option(tmp_path):
 
 
 def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
-    """training/retrain.sh, dry-run on this machine (one family after another, as on any CPU): trains LLaVA's vision
-    encoder alone first and Fuyu's patches with the task (it has no encoder), then a second run from each first one
-    (LLaVA's encoder, frozen in the first, thawed at its own rate), keeps the latest Trainer checkpoint, evaluates
-    (the Space's evaluation.json) and writes the comparison; called again it leaves a finished family alone, and
-    resumes one whose run was cut short."""
+    """training/retrain.sh, dry-run on this machine (the families side by side, the cores shared out as threads):
+    trains LLaVA's vision encoder alone first and Fuyu's patches with the task (it has no encoder), then a second run
+    from each first one (LLaVA's encoder, frozen in the first, thawed at its own rate), keeps the latest Trainer
+    checkpoint, evaluates (the Space's evaluation.json) and writes the comparison; called again it leaves a finished
+    family alone, and resumes one whose run was cut short."""
     script = Path(__file__).parents[1] / "training" / "retrain.sh"
     env = dict(os.environ, OUT=str(tmp_path), STEPS="2", SAVE_STEPS="1", EVAL_EXAMPLES="8", TEXT_WIDTH="64",
                VISION_STEPS="2", VISION_PICTURES="mixed", AFTER_VISION="--freeze vision", SECOND_STEPS="2",
@@ -377,6 +377,7 @@ def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
 
     out = call("fuyu", "llava")
     assert "language model 64 wide x 3 layers" in out and "fuyu: training (the first run)" in out
+    assert "2 to train side by side" in out
     assert "fuyu: training (the second run)" in out and "fuyu: trained" in out
     assert "llava: training the vision encoder alone" in out and "fuyu: training the vision" not in out
     assert "(mixed pictures), then trained on with --freeze vision; then 2 steps at 2.5e-4 (--vision" in out
@@ -403,6 +404,7 @@ def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
 
     out = call("fuyu")
     assert "fuyu: trained" in out and "fuyu: training" not in out and "resuming" not in out
+    assert "side by side" not in out  # nothing left to train
     # A run stopped before its end has a Trainer checkpoint but no training_log.json: the next call resumes it,
     # from the vision stage and the first run already done.
     for family in ("fuyu", "llava"):

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The four embedded models trained again, evaluated and compared, by a call that can be repeated until it is done.
-# On a GPU machine the families train side by side on the one device (each step is small; drawing examples is the
-# CPU's work, shared out as DataLoader workers). On a CPU they train one after another: two runs would fight over
-# the cores and both crawl. Each run saves a Trainer checkpoint every SAVE_STEPS under $OUT/<family>/trainer and
-# the next call resumes it with the same options, so a CPU retrains over several sittings, TRAIN_SECONDS of
-# training per call. Everything lands in ${OUT:-training/runs}: one checkpoint folder per family, the training and
-# evaluation logs, and comparison/ with the README table once every family asked for has finished. With
-# VISION_STEPS (0 by default, as the shipped models were trained), a family with a vision encoder first trains it
-# alone for that many steps (`vlm-patterns pretrain-vision`, into $OUT/<family>.vision, kept across calls) and learns
-# the task from there; Fuyu has no encoder. VISION_PICTURES picks the stage's pictures (one-shape or mixed) and
-# AFTER_VISION adds options to the task's run of a family that had the stage (--freeze vision, or
-# --vision-learning-rate R to let the encoder adapt at its own rate). With SECOND_STEPS, each family's first run
+# The families train side by side. On a GPU machine they share the one device (each step is small; drawing examples is
+# the CPU's work, shared out as DataLoader workers). On a CPU each run gets its share of the cores as threads
+# (OMP_NUM_THREADS, at least one each): these small models gain little from a second thread (on 2 cores, two Fuyu runs
+# of one thread each made 1.3 times the steps of one run of two threads, and four made as many as two). Each run saves a
+# Trainer checkpoint every SAVE_STEPS under $OUT/<family>/trainer and the next call resumes it with the same options, so
+# a CPU retrains over several sittings, TRAIN_SECONDS of training per call. Everything lands in ${OUT:-training/runs}:
+# one checkpoint folder per family, the training and evaluation logs, and comparison/ with the README table once every
+# family asked for has finished. With VISION_STEPS (0 by default, as the shipped models were trained), a family with a
+# vision encoder first trains it alone for that many steps (`vlm-patterns pretrain-vision`, into $OUT/<family>.vision,
+# kept across calls) and learns the task from there; Fuyu has no encoder. VISION_PICTURES picks the stage's pictures
+# (one-shape or mixed) and AFTER_VISION adds options to the task's run of a family that had the stage (--freeze vision,
+# or --vision-learning-rate R to let the encoder adapt at its own rate). With SECOND_STEPS, each family's first run
 # (then in $OUT/<family>.first) is followed by a second of that many steps from its weights, at SECOND_RATE after 50
 # warm-up steps, into $OUT/<family>; SECOND_VISION adds options to the second run of a family that had the stage
 # (--vision-learning-rate R thaws an encoder the first run kept frozen). Fuyu gets the same steps and rates.
@@ -22,9 +23,9 @@
 #   VISION_STEPS=2000 AFTER_VISION="--freeze vision" SECOND_STEPS=1500 SECOND_VISION="--vision-learning-rate 1e-4" \
 #       bash training/retrain.sh                                 # ... then thawed at a fifth of the rate (best so far)
 #   STEPS=4 SAVE_STEPS=2 VISION_STEPS=2 EVAL_EXAMPLES=8 bash training/retrain.sh fuyu llava   # a dry run
-# TRAIN_SECONDS bounds each family's runs on a GPU (420 by default) and the families' runs together on a CPU (no
-# bound by default); a run stopped by it keeps its latest checkpoint. Promote a result by copying its folders over
-# training/checkpoints/ and running `python -m vlm_patterns.training.ship` (which adds the code for trust_remote_code).
+# TRAIN_SECONDS bounds the call's training (420 s by default on a GPU, no bound on a CPU); a run stopped by it keeps its
+# latest checkpoint. Promote a result by copying its folders over training/checkpoints/ and running `python -m
+# vlm_patterns.training.ship` (which adds the code for trust_remote_code).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-training/runs}
@@ -43,12 +44,18 @@ mkdir -p "$OUT"
 FAMILIES=("$@")
 [ ${#FAMILIES[@]} -eq 0 ] && read -r -a FAMILIES <<< "$(python -c 'from vlm_patterns.families import FAMILIES; print(*FAMILIES)')"
 device=$(python -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")
+trained() { [ -f "$OUT/$1/training_log.json" ]; }  # written when a run reaches its last step
+untrained=0
+for family in "${FAMILIES[@]}"; do trained "$family" || untrained=$(( untrained + 1 )); done
+side_by_side=$(( untrained > 0 ? untrained : 1 ))
 if [ "$device" = cpu ]; then
     TRAIN_SECONDS=${TRAIN_SECONDS:-0}  # 0: no bound
-    workers=0
+    workers=0  # on a CPU, workers would take cores from the steps themselves
+    threads=${OMP_NUM_THREADS:-$(( $(nproc) / side_by_side > 0 ? $(nproc) / side_by_side : 1 ))}
 else
     TRAIN_SECONDS=${TRAIN_SECONDS:-420}
-    workers=$(( ($(nproc) - 1) / ${#FAMILIES[@]} ))
+    workers=$(( ($(nproc) - 1) / side_by_side ))
+    threads=${OMP_NUM_THREADS:-$(nproc)}
 fi
 encoders=" $(python -c 'from vlm_patterns.training import pretrain_vision as p, recipes as r
 print(*(f for f in r.recipe_names() if p.encoder_of(f)))') "
@@ -58,17 +65,20 @@ second=$( [ "$SECOND_STEPS" -gt 0 ] && echo "; then $SECOND_STEPS steps at $SECO
 ${SECOND_VISION[*]:+ (${SECOND_VISION[*]} after the stage)}" || true)
 echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers\
 $stage$second"
+if [ "$device" = cpu ] && [ "$untrained" -gt 0 ]; then
+    echo "$untrained to train side by side, $threads thread(s) each"
+fi
 
-train() {  # family, seconds (0: no bound)
-    local family=$1 seconds=$2 start=(--text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS") second=()
-    local deadline=0 first=$OUT/$family  # deadline 0: no bound
-    [ "$seconds" -gt 0 ] && deadline=$(( $(date +%s) + seconds ))
+train() {  # family, deadline (0: no bound)
+    local family=$1 deadline=$2 start=(--text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS") second=()
+    local first=$OUT/$family
     [ "$SECOND_STEPS" -gt 0 ] && first=$OUT/$family.first
     if [ "$VISION_STEPS" -gt 0 ] && [[ $encoders == *" $family "* ]]; then
         if [ ! -f "$OUT/$family.vision/vision_pretraining.json" ]; then  # written when the stage is done
             echo "$family: training the vision encoder alone"
-            vlm-patterns pretrain-vision "$family" --output "$OUT/$family.vision" --without-code \
-                --steps "$VISION_STEPS" --pictures "$VISION_PICTURES" "${start[@]}" >> "$OUT/$family.train.log" 2>&1
+            OMP_NUM_THREADS=$threads vlm-patterns pretrain-vision "$family" --output "$OUT/$family.vision" \
+                --without-code --steps "$VISION_STEPS" --pictures "$VISION_PICTURES" "${start[@]}" \
+                >> "$OUT/$family.train.log" 2>&1
         fi
         start=(--from "$OUT/$family.vision" "${AFTER_VISION[@]}")  # the language model's size comes with it
         second=("${SECOND_VISION[@]}")
@@ -90,32 +100,20 @@ run() {  # family, output folder, deadline (0: no bound), what, train options...
     fi
     compgen -G "$output/trainer/checkpoint-*" > /dev/null && resume=(--resume)
     echo "$family: ${resume[*]:+resuming, }training$what$( [ "$bound" -gt 0 ] && echo " for at most $bound s")"
-    timeout "${bound}s" vlm-patterns train "$family" --output "$output" --without-code "$@" "${resume[@]}" \
+    OMP_NUM_THREADS=$threads timeout "${bound}s" vlm-patterns train "$family" --output "$output" --without-code \
+        "$@" "${resume[@]}" \
         --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 1 --dataloader_num_workers "$workers" \
         --disable_tqdm true >> "$OUT/$family.train.log" 2>&1
 }
-trained() { [ -f "$OUT/$1/training_log.json" ]; }  # written when a run reaches its last step
-
 start=$(date +%s)
-if [ "$device" = cpu ]; then
-    for family in "${FAMILIES[@]}"; do
-        trained "$family" && continue
-        left=0
-        if [ "$TRAIN_SECONDS" -gt 0 ]; then
-            left=$(( TRAIN_SECONDS - ($(date +%s) - start) ))
-            [ "$left" -le 0 ] && break
-        fi
-        train "$family" "$left" || echo "$family: stopped (exit $?); call again to resume"
-    done
-else
-    pids=()
-    for family in "${FAMILIES[@]}"; do
-        trained "$family" && continue
-        train "$family" "$TRAIN_SECONDS" &
-        pids+=($!)
-    done
-    for pid in "${pids[@]}"; do wait "$pid" || true; done
-fi
+deadline=$(( TRAIN_SECONDS > 0 ? start + TRAIN_SECONDS : 0 ))
+pids=()
+for family in "${FAMILIES[@]}"; do
+    trained "$family" && continue
+    { train "$family" "$deadline" || echo "$family: stopped (exit $?); call again to resume"; } &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
 echo "training took $(( $(date +%s) - start )) s"
 
 finished=()
