@@ -119,3 +119,27 @@ def test_shipped_checkpoint_answers_through_trust_remote_code(family, tmp_path):
     out = torch.load(tmp_path / "out.pt")
     assert torch.equal(out["input_ids"], inputs["input_ids"])
     assert torch.equal(out["tokens"], model.generate(**inputs, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("family", ["llava", "fuyu"])
+def test_refreshing_a_checkpoint_keeps_its_weights_and_its_training_records(family, tmp_path):
+    """`python -m vlm_patterns.training.ship` re-saves with today's code; what training, evaluation and the vision
+    encoder's stage wrote beside the weights stays (save_pretrained does not write them)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load, load_file
+
+    from vlm_patterns.training.pretrain_vision import encoder_of
+    from vlm_patterns.training.ship import KEPT_FILES, refresh
+
+    folder = tmp_path / family
+    shutil.copytree(CHECKPOINTS / family, folder)
+    records = {name: (folder / name).read_bytes() for name in KEPT_FILES if (folder / name).exists()}
+    # The shipped recipe trains each vision encoder alone first; Fuyu has none.
+    assert ("vision_pretraining.json" in records) == bool(encoder_of(family)) and "training_log.json" in records
+    before = load((folder / "model.safetensors").read_bytes())
+    refresh(folder, family)
+    assert {name: (folder / name).read_bytes() for name in records} == records
+    after = load_file(folder / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -239,7 +239,8 @@ def test_accelerate_launch_runs_the_recipe(tmp_path):
 def test_trainer_arguments_pass_through_and_resume(tmp_path):
     """transformers' own flags reach TrainingArguments; checkpoints are saved under OUTPUT/trainer, and a run
     resumed from one ends with the very weights of the run that was not stopped (the stream continues at the
-    checkpoint's step, the optimizer and schedule where they were); its log holds both runs."""
+    checkpoint's step, the optimizer and schedule where they were); its log holds both runs. Other options than the
+    run started with are refused."""
     from safetensors.torch import load_file
 
     from vlm_patterns.training.train import training_arguments
@@ -253,10 +254,14 @@ def test_trainer_arguments_pass_through_and_resume(tmp_path):
     assert Path(args.output_dir) == Path(options.output) / "trainer"
     uninterrupted = train(options)
     trainer_folder = Path(options.output) / "trainer"
-    assert sorted(p.name for p in trainer_folder.iterdir()) == ["checkpoint-2", "checkpoint-4", "runs.json"]
+    assert sorted(p.name for p in trainer_folder.iterdir()) == ["checkpoint-2", "checkpoint-4", "options.json",
+                                                                "runs.json"]  # fmt: skip
     expected = load_file(Path(options.output) / "model.safetensors")
 
     shutil.rmtree(trainer_folder / "checkpoint-4")  # as if the first run had stopped after step 2
+    # Resumed with other options, the checkpoint's optimizer and schedule would go on as a different run.
+    with pytest.raises(ValueError, match=r"these differ: steps 6 \(the run's: 4\), seed 1 \(the run's: 0\)"):
+        train(TrainOptions(**{**vars(options), "resume": True, "steps": 6, "seed": 1, "eval_every": 3}))
     resumed = train(TrainOptions(**{**vars(options), "resume": True}))
     weights = load_file(Path(options.output) / "model.safetensors")
     assert weights.keys() == expected.keys()

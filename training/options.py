@@ -144,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-to", default=defaults.report_to, help="Trainer loggers: none, tensorboard, ...")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint under OUTPUT/trainer (saved with --save_strategy "
-                             "steps --save_steps N); give the same options as the run it continues")  # fmt: skip
+                             "steps --save_steps N), with the same options as the run it continues (others are refused)")  # fmt: skip
     parser.epilog = (
         "Any other transformers TrainingArguments flag passes through in transformers' spelling, e.g. --bf16, "
         "--gradient_accumulation_steps 4, --gradient_checkpointing, --save_strategy steps --save_steps 500, "

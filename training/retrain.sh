@@ -7,22 +7,21 @@
 # Trainer checkpoint every SAVE_STEPS under $OUT/<family>/trainer and the next call resumes it with the same options, so
 # a CPU retrains over several sittings, TRAIN_SECONDS of training per call. Everything lands in ${OUT:-training/runs}:
 # one checkpoint folder per family, the training and evaluation logs, and comparison/ with the README table once every
-# family asked for has finished. With VISION_STEPS (0 by default, as the shipped models were trained), a family with a
-# vision encoder first trains it alone for that many steps (`vlm-patterns pretrain-vision`, into $OUT/<family>.vision,
-# kept across calls) and learns the task from there; Fuyu has no encoder. VISION_PICTURES picks the stage's pictures
-# (one-shape or mixed) and AFTER_VISION adds options to the task's run of a family that had the stage (--freeze vision,
-# or --vision-learning-rate R to let the encoder adapt at its own rate). With SECOND_STEPS, each family's first run
-# (then in $OUT/<family>.first) is followed by a second of that many steps from its weights, at SECOND_RATE after 50
-# warm-up steps, into $OUT/<family>; SECOND_VISION adds options to the second run of a family that had the stage
-# (--vision-learning-rate R thaws an encoder the first run kept frozen). Fuyu gets the same steps and rates.
-#   bash training/retrain.sh                                      # the shipped recipe: 6000 steps, width 128, 3 layers
-#   STEPS=20000 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh
-#   TRAIN_SECONDS=3600 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh    # a CPU: an hour now, more later
-#   VISION_STEPS=2000 bash training/retrain.sh                   # each vision encoder first trained alone
-#   VISION_STEPS=2000 AFTER_VISION="--freeze vision" bash training/retrain.sh   # ... and kept as it is
-#   VISION_STEPS=2000 AFTER_VISION="--freeze vision" SECOND_STEPS=1500 SECOND_VISION="--vision-learning-rate 1e-4" \
-#       bash training/retrain.sh                                 # ... then thawed at a fifth of the rate (best so far)
-#   STEPS=4 SAVE_STEPS=2 VISION_STEPS=2 EVAL_EXAMPLES=8 bash training/retrain.sh fuyu llava   # a dry run
+# family asked for has finished. By default this is the shipped models' recipe, in three steps. With VISION_STEPS (2000;
+# 0: no stage), a family with a vision encoder first trains it alone for that many steps (`vlm-patterns
+# pretrain-vision`, into $OUT/<family>.vision, kept across calls) and learns the task from there; Fuyu has no encoder.
+# VISION_PICTURES picks the stage's pictures (one-shape or mixed) and AFTER_VISION adds options to the task's run of a
+# family that had the stage (--freeze vision by default; --vision-learning-rate R lets the encoder adapt at its own
+# rate; empty: trained with the rest). With SECOND_STEPS (1500; 0: one run), each family's first run of STEPS (then in
+# $OUT/<family>.first) is followed by a second of that many steps from its weights, at SECOND_RATE after 50 warm-up
+# steps, into $OUT/<family>; SECOND_VISION adds options to the second run of a family that had the stage
+# (--vision-learning-rate 1e-4 by default: the encoder the first run kept frozen thaws at a fifth of the rate). Fuyu
+# gets the same steps and rates.
+#   bash training/retrain.sh                            # the shipped recipe: stage, 6000 steps frozen, 1500 thawed
+#   TRAIN_SECONDS=3600 bash training/retrain.sh         # a CPU: an hour now, more later
+#   STEPS=20000 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh   # a larger language model, longer
+#   VISION_STEPS=0 SECOND_STEPS=0 bash training/retrain.sh              # one run of the whole model, no stage
+#   STEPS=4 SAVE_STEPS=2 VISION_STEPS=2 SECOND_STEPS=2 EVAL_EXAMPLES=8 bash training/retrain.sh fuyu llava  # a dry run
 # TRAIN_SECONDS bounds the call's training (420 s by default on a GPU, no bound on a CPU); a run stopped by it keeps its
 # latest checkpoint. Promote a result by copying its folders over training/checkpoints/ and running `python -m
 # vlm_patterns.training.ship` (which adds the code for trust_remote_code).
@@ -33,12 +32,12 @@ STEPS=${STEPS:-6000}
 SAVE_STEPS=${SAVE_STEPS:-250}
 TEXT_WIDTH=${TEXT_WIDTH:-128}
 TEXT_LAYERS=${TEXT_LAYERS:-3}
-VISION_STEPS=${VISION_STEPS:-0}
+VISION_STEPS=${VISION_STEPS:-2000}
 VISION_PICTURES=${VISION_PICTURES:-one-shape}
-read -r -a AFTER_VISION <<< "${AFTER_VISION:-}"
-SECOND_STEPS=${SECOND_STEPS:-0}
+read -r -a AFTER_VISION <<< "${AFTER_VISION---freeze vision}"
+SECOND_STEPS=${SECOND_STEPS:-1500}
 SECOND_RATE=${SECOND_RATE:-2.5e-4}
-read -r -a SECOND_VISION <<< "${SECOND_VISION:-}"
+read -r -a SECOND_VISION <<< "${SECOND_VISION---vision-learning-rate 1e-4}"
 EVAL_EXAMPLES=${EVAL_EXAMPLES:-3000}
 mkdir -p "$OUT"
 FAMILIES=("$@")

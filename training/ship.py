@@ -15,9 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from .recipes import build_processor, recipe_names
+from .train import VISION_LOG
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-KEPT_FILES = ("training_log.json", "evaluation.json")  # written by training and evaluation, not save_pretrained
+# Written by training, evaluation and the vision encoder's stage, not by save_pretrained.
+KEPT_FILES = ("training_log.json", "evaluation.json", VISION_LOG)
 
 
 def refresh(folder: str | Path, family: str) -> Path:

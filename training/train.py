@@ -281,6 +281,8 @@ def train(options: TrainOptions) -> dict:
     # Unless checkpoints are saved or resumed from, the Trainer's own files go to a scratch folder, removed after.
     scratch = tempfile.mkdtemp(prefix="vlm-patterns-trainer-")
     args = training_arguments(options, output, scratch)
+    if args.output_dir != scratch:
+        check_resumed_options(Path(args.output_dir), options)
     stream = SyntheticStream(options.seed, multi_image, kinds, batch_size=args.train_batch_size)
     timing = TrainingTime(Path(args.output_dir))
     trainer = with_vision_rate(Trainer, options.vision_learning_rate)(
@@ -327,6 +329,30 @@ def train(options: TrainOptions) -> dict:
     if stage is not None:  # the encoder's own stage stays on record in every checkpoint trained on from it
         (output / VISION_LOG).write_text(stage)
     return log
+
+
+# What a resumed run may change: how it is watched and where it lands, not what it trains.
+RESUMABLE_CHANGES = frozenset({"resume", "report_to", "eval_every", "eval_examples", "trainer_args", "output",
+                               "without_code"})  # fmt: skip
+
+
+def check_resumed_options(folder: Path, options: TrainOptions) -> None:
+    """A checkpoint's optimizer state and schedule belong to the options its run started with: `--resume` with
+    others would go on silently as a different run. The options are kept beside the checkpoints (`options.json`)
+    and a resumed run must match them."""
+    recorded = json.loads(json.dumps(asdict(options)))  # tuples as the JSON lists they are read back as
+    if recorded["init_from"]:
+        recorded["init_from"] = str(Path(recorded["init_from"]).resolve())  # the same folder, however it is named
+    path = folder / "options.json"
+    if options.resume and path.exists():
+        started = json.loads(path.read_text())
+        changed = [k for k in recorded if k not in RESUMABLE_CHANGES and started.get(k) != recorded[k]]
+        if changed:
+            differences = ", ".join(f"{k} {recorded[k]!r} (the run's: {started.get(k)!r})" for k in changed)
+            raise ValueError(f"--resume continues the run in {folder} with the options it started with; these "
+                             f"differ: {differences}. Give the same options, or another --output to start afresh")  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recorded, indent=2))
 
 
 def portable_options(options) -> dict:
