@@ -50,7 +50,8 @@ side_by_side=$(( untrained > 0 ? untrained : 1 ))
 if [ "$device" = cpu ]; then
     TRAIN_SECONDS=${TRAIN_SECONDS:-0}  # 0: no bound
     workers=0  # on a CPU, workers would take cores from the steps themselves
-    threads=${OMP_NUM_THREADS:-$(( $(nproc) / side_by_side > 0 ? $(nproc) / side_by_side : 1 ))}
+    share=$(( $(nproc) / side_by_side ))
+    threads=${OMP_NUM_THREADS:-$(( share > 0 ? share : 1 ))}
 else
     TRAIN_SECONDS=${TRAIN_SECONDS:-420}
     workers=$(( ($(nproc) - 1) / side_by_side ))
