@@ -8,20 +8,30 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 from vlm_patterns.families import FAMILIES
 from vlm_patterns.training.collate import VQACollator, prompt_text
 from vlm_patterns.training.recipes import build_model, build_processor, recipe_names
-from vlm_patterns.training.synthetic_vqa import ANSWERS, KINDS, as_dataset, examples, make_example, vocabulary
+from vlm_patterns.training.synthetic_vqa import (
+    ANSWERS,
+    KINDS,
+    PLACES,
+    answer_word,
+    as_dataset,
+    examples,
+    make_example,
+    vocabulary,
+)
 from vlm_patterns.training.train import TrainOptions, apply_freezing, train
 from vlm_patterns.training.vqa_tokenizer import build_vqa_tokenizer
 
 
 def test_examples_are_deterministic_and_cover_every_kind():
     a, b = make_example(123), make_example(123)
-    assert (a.question, a.answer, a.kind) == (b.question, b.answer, b.kind)
+    assert (a.question, a.answer, a.reply, a.kind) == (b.question, b.answer, b.reply, b.kind)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images, strict=True))
     batch = examples("train", 300)
     assert {e.kind for e in batch} == set(KINDS)
@@ -72,11 +82,25 @@ def test_held_out_split_never_shares_a_training_example():
 
 def test_datasets_view():
     dataset = as_dataset("held_out", 12, seed=3)
-    assert dataset.num_rows == 12 and set(dataset.column_names) == {"images", "question", "answer", "kind"}
+    assert dataset.num_rows == 12 and set(dataset.column_names) == {"images", "question", "answer", "reply", "kind"}
     row = dataset[0]
     expected = examples("held_out", 1, seed=3)[0]
-    assert row["question"] == expected.question and row["answer"] == expected.answer
+    assert (row["question"], row["answer"], row["reply"]) == (expected.question, expected.answer, expected.reply)
     assert np.array_equal(np.asarray(row["images"][0].convert("RGB")), np.asarray(expected.images[0]))
+
+
+def test_a_position_reply_names_each_shapes_place_then_the_answer():
+    for example in examples("train", 40, kinds=("position",)):
+        first, second = example.meta["scenes"][0]["objects"]
+        width = example.images[0].width
+        places = [PLACES[min(3, int(4 * thing["x"] / width))] for thing in (first, second)]
+        assert example.reply == (f"{first['color']} {first['shape']} {places[0]}, "
+                                 f"{second['color']} {second['shape']} {places[1]}: {example.answer}")  # fmt: skip
+        assert answer_word(example.reply) == example.answer
+    assert all(e.reply == e.answer for e in examples("train", 60, kinds=("color", "count", "read", "compare")))
+    # What a model says is scored by the word after its last colon, or its first word.
+    assert answer_word("red circle one, blue square three: Left.") == "left"
+    assert answer_word("four four") == "four" and answer_word("") == "" and answer_word("red circle one:") == ""
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -92,16 +116,18 @@ def test_tokenizer_knows_every_word_of_the_family_prompts(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_collator_labels_only_the_answer(family):
+def test_collator_labels_only_the_reply(family):
     processor = build_processor(family)
-    batch = [vars(e) for e in examples("train", 6, multi_image=FAMILIES[family].images_per_prompt != 1)]
+    multi_image = FAMILIES[family].images_per_prompt != 1
+    batch = [vars(e) for e in examples("train", 6, multi_image=multi_image) + examples("train", 2, kinds=("position",))]
     inputs = VQACollator(processor)(batch)
     tokenizer = processor.tokenizer
     for row, example in zip(range(len(batch)), batch, strict=True):
         labelled = inputs["labels"][row][inputs["labels"][row] != -100].tolist()
-        assert labelled == tokenizer(" " + example["answer"], add_special_tokens=False)["input_ids"] + [
+        assert labelled == tokenizer(" " + example["reply"], add_special_tokens=False)["input_ids"] + [
             tokenizer.eos_token_id
         ]
+        assert tokenizer.unk_token_id not in labelled
     model = build_model(family, processor.tokenizer)
     loss = model(**inputs).loss
     assert torch.isfinite(loss) and loss.item() > 1.0  # untrained: no better than guessing
@@ -122,12 +148,13 @@ def test_freezing_strategies(family):
 
 
 def test_a_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
-    log = train(TrainOptions(family="llava", output=str(tmp_path / "llava"), steps=40, batch_size=16,
-                             eval_every=40, eval_examples=32))  # fmt: skip
+    # 80 steps: a position reply's ten tokens (names, places, punctuation) keep the mean loss up for the first 40.
+    log = train(TrainOptions(family="llava", output=str(tmp_path / "llava"), steps=80, batch_size=16,
+                             eval_every=80, eval_examples=32))  # fmt: skip
     losses = [p["loss"] for p in log["loss_curve"]]
     assert losses[-1] < 0.6 * losses[0]
     saved = json.loads((tmp_path / "llava" / "training_log.json").read_text())
-    assert saved["held_out_curve"][-1]["step"] == 40
+    assert saved["held_out_curve"][-1]["step"] == 80
     from vlm_patterns.training.evaluate import evaluate
 
     result = evaluate(tmp_path / "llava", num_examples=32, seed=5, latency_samples=2)
@@ -144,8 +171,8 @@ def test_a_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
                                steps=10, batch_size=16, eval_every=5, eval_examples=16))  # fmt: skip
     assert tuned["started_from"] == saved
     curve, starts = learning_curve(tuned)
-    assert starts == [40 * 16] and [p["examples"] for p in curve] == [40 * 16, 40 * 16 + 5 * 16, 40 * 16 + 10 * 16]
-    assert curve[1:] == [dict(p, examples=p["examples"] + 40 * 16) for p in tuned["held_out_curve"]]
+    assert starts == [80 * 16] and [p["examples"] for p in curve] == [80 * 16, 80 * 16 + 5 * 16, 80 * 16 + 10 * 16]
+    assert curve[1:] == [dict(p, examples=p["examples"] + 80 * 16) for p in tuned["held_out_curve"]]
 
 
 def test_evaluation_margins_and_the_one_image_accuracy():
@@ -446,6 +473,7 @@ def test_the_vision_encoder_stage_trains_the_encoder_alone_and_the_task_trains_o
     assert point["step"] == 3 and point["accuracy"] is not None and log["options"]["pictures"] == pictures
     # The mixed stage's pictures also teach counting and reading, and the probe checks both.
     assert all((point[key] is None) == (pictures == "one-shape") for key in ("count_accuracy", "word_accuracy"))
+    assert 0 <= point["place_accuracy"] <= 1 and log["options"]["token_places"]  # each token's place, named
     fresh, _ = build_model_and_processor(TrainOptions(family=family, output=""))  # the same seed's new model
     from vlm_patterns.training.evaluate import load_checkpoint
 
@@ -473,6 +501,25 @@ def test_the_vision_encoder_stage_learns_to_name_single_objects(tmp_path):
     # Colour is learnt first: right colour and a guessed shape is a third; chance over the 12 classes is 1/12.
     assert log["held_out_curve"][-1]["accuracy"] > 0.25, log["held_out_curve"]
     assert len(CLASSES) == 12
+    # Each token's column and row (eighths of the picture): guessing both right is 1 in 64.
+    assert log["held_out_curve"][-1]["place_accuracy"] > 4 / 64, log["held_out_curve"]
+
+
+def test_the_places_the_stage_names_are_where_the_tokens_are():
+    """A picture whose red grows from left to right and whose green grows downwards: each Qwen2-VL patch's mean red
+    and green follow the column and row that `encoder_token_places` gives it (the merge-window order)."""
+    from vlm_patterns.training.recipes import qwen2_vl
+
+    processor = build_processor("qwen2_vl")
+    model = build_model("qwen2_vl", processor.tokenizer)
+    x, y = np.meshgrid(np.linspace(0, 255, 140), np.linspace(0, 255, 84))
+    picture = PIL.Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8))
+    inputs = processor.image_processor([picture], return_tensors="pt")
+    (places,) = qwen2_vl.encoder_token_places(model, inputs)
+    patches = inputs["pixel_values"].view(len(places), 3, -1)
+    for channel, axis in ((0, 0), (1, 1)):
+        brightness = patches[:, channel].mean(-1)
+        assert torch.corrcoef(torch.stack([brightness, places[:, axis]]))[0, 1] > 0.99
 
 
 def test_fuyu_has_no_vision_encoder_stage(tmp_path):

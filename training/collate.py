@@ -2,8 +2,8 @@
 
 For training, each example is a two-turn conversation (the question with its images, then the answer) rendered by
 the family's chat template and tokenized by its processor with `return_assistant_tokens_mask=True`, the way TRL's
-SFT and most fine-tuning scripts mask the prompt: only the answer tokens (the template's `{% generation %}` part,
-the answer and the family's end token) carry labels; the question, the image placeholders and the padding are
+SFT and most fine-tuning scripts mask the prompt: only the reply's tokens (the template's `{% generation %}` part:
+the example's `reply`, or its `answer` when it has none, and the family's end token) carry labels; the question, the image placeholders and the padding are
 -100. Without answers (evaluation, generation) the prompt ends with the template's generation prompt.
 """
 
@@ -22,7 +22,8 @@ def prompt_text(processor, question: str, num_images: int) -> str:
 
 
 class VQACollator:
-    """Batches of examples (dicts with images, question, answer) -> model inputs with `labels`."""
+    """Batches of examples (dicts with images, question, answer and optionally reply) -> model inputs with
+    `labels`."""
 
     def __init__(self, processor, with_answers: bool = True):
         self.processor, self.with_answers = processor, with_answers
@@ -34,7 +35,8 @@ class VQACollator:
             inputs = dict(self.processor(images=images, text=prompts, padding_side="left"))
         else:
             conversations = [
-                [user_turn(e["question"], e["images"]), {"role": "assistant", "content": e["answer"]}] for e in examples
+                [user_turn(e["question"], e["images"]), {"role": "assistant", "content": e.get("reply") or e["answer"]}]
+                for e in examples
             ]
             inputs = dict(
                 self.processor.apply_chat_template(

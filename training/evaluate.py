@@ -1,7 +1,8 @@
 """Held-out accuracy per question kind, visual tokens per image and latency, for any checkpoint of ours; and the
 four-family comparison (markdown table and PNG plots).
 
-An answer is right when the first word the model generates is the expected word.
+An answer is right when the model's answer word is the expected word: the first word it says, or the word after its
+last colon when it names the shapes' places first, as a position reply does (`synthetic_vqa.answer_word`).
 """
 
 import json
@@ -15,7 +16,11 @@ from pathlib import Path
 import torch
 
 from .collate import VQACollator
-from .synthetic_vqa import KINDS, SINGLE_IMAGE_KINDS, examples, kinds_for
+from .synthetic_vqa import KINDS, SINGLE_IMAGE_KINDS, answer_word, examples, kinds_for
+
+# Enough new tokens for the longest reply (a position reply: two shapes with their places, then the answer) and the
+# family's end token.
+REPLY_TOKENS = 12
 
 
 @dataclass
@@ -83,13 +88,8 @@ def load_checkpoint(path: str | Path):
     return model, processor, model.config.model_type.removesuffix("_pattern")  # model_type is `<family>_pattern`
 
 
-def first_word(text: str) -> str:
-    words = text.replace("?", " ").replace(".", " ").replace(",", " ").split()
-    return words[0].lower() if words else ""
-
-
-def answer(model, processor, batch: list[dict], max_new_tokens: int = 3) -> list[str]:
-    """Greedy answers (their first word) to a batch of examples."""
+def answer(model, processor, batch: list[dict], max_new_tokens: int = REPLY_TOKENS) -> list[str]:
+    """Greedy answers (their answer word) to a batch of examples."""
     return answer_inputs(model, processor, collate_prompts(processor, batch), max_new_tokens)
 
 
@@ -98,12 +98,13 @@ def collate_prompts(processor, batch: list[dict]) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def answer_inputs(model, processor, inputs: dict[str, torch.Tensor], max_new_tokens: int = 3) -> list[str]:
-    """Greedy answers (their first word) to already collated prompts."""
+def answer_inputs(model, processor, inputs: dict[str, torch.Tensor], max_new_tokens: int = REPLY_TOKENS) -> list[str]:
+    """Greedy answers (their answer word) to already collated prompts; generation stops once every reply has
+    ended."""
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1] :]
-    return [first_word(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return [answer_word(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def visual_tokens(processor, batch: list[dict]) -> list[int]:
@@ -126,7 +127,9 @@ def evaluate(
     asked or only of `kinds`."""
     model, processor, family = load_checkpoint(checkpoint)
     multi_image = processor.max_images_per_prompt != 1
-    data = [vars(e) for e in examples("held_out", num_examples, seed, multi_image, kinds)]
+    # Batched by kind: a batch of one-word replies then stops after two new tokens, not after a position reply's ten.
+    drawn = [vars(e) for e in examples("held_out", num_examples, seed, multi_image, kinds)]
+    data = sorted(drawn, key=lambda e: KINDS.index(e["kind"]))
     right, total = defaultdict(int), defaultdict(int)
     right_by_shapes, total_by_shapes = defaultdict(int), defaultdict(int)
     errors, tokens = [], []
@@ -140,11 +143,12 @@ def evaluate(
                 group = (example["kind"], str(len(example["meta"]["scenes"][0]["objects"])))
                 total_by_shapes[group] += 1
                 right_by_shapes[group] += predicted == example["answer"]
-            if predicted != example["answer"] and len(errors) < 20:
-                errors.append(dict(question=example["question"], answer=example["answer"], predicted=predicted))
+            if predicted != example["answer"] and sum(e["kind"] == example["kind"] for e in errors) < 4:
+                errors.append(dict(kind=example["kind"], question=example["question"], answer=example["answer"],
+                                   predicted=predicted))  # fmt: skip
         tokens += visual_tokens(processor, batch)
     timings = []
-    for example in data[:latency_samples]:
+    for example in drawn[:latency_samples]:  # the kinds as they come
         started = time.perf_counter()
         answer(model, processor, [example])
         timings.append(time.perf_counter() - started)

@@ -61,6 +61,8 @@ class VisionPretrainOptions:
     eval_examples: int = 600
     # one-shape: every picture one shape, named; mixed: also two to four shapes counted and words read.
     pictures: str = "one-shape"
+    # Also name each token's own column and row from that token, so that the encoder keeps where things are.
+    token_places: bool = True
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser, defaults, per_step: str) -> None:
@@ -96,6 +98,9 @@ def add_vision_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pictures", choices=["one-shape", "mixed"], default=defaults.pictures,
                         help="one-shape: name the one object of each picture; mixed: half such, a third of two to "
                              "four shapes to count, a sixth of a word to read (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--no-token-places", dest="token_places", action="store_false",
+                        help="do not also teach the encoder to name each token's own column and row (the stage as "
+                             "the shipped models had it)")  # fmt: skip
     parser.epilog = "Then: vlm-patterns train FAMILY --from OUTPUT --output ... (the task on top of the encoder)."
 
 

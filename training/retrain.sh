@@ -7,8 +7,9 @@
 # Trainer checkpoint every SAVE_STEPS under $OUT/<family>/trainer and the next call resumes it with the same options, so
 # a CPU retrains over several sittings, TRAIN_SECONDS of training per call. Everything lands in ${OUT:-training/runs}:
 # one checkpoint folder per family, the training and evaluation logs, and comparison/ with the README table once every
-# family asked for has finished. By default this is the shipped models' recipe, in three steps. With VISION_STEPS (2000;
-# 0: no stage), a family with a vision encoder first trains it alone for that many steps (`vlm-patterns
+# family asked for has finished. By default this is the shipped models' recipe, in three steps, with the two changes
+# made since (position replies that name the shapes' places; the stage also names each token's place). With VISION_STEPS
+# (2000; 0: no stage), a family with a vision encoder first trains it alone for that many steps (`vlm-patterns
 # pretrain-vision`, into $OUT/<family>.vision, kept across calls) and learns the task from there; Fuyu has no encoder.
 # VISION_PICTURES picks the stage's pictures (one-shape or mixed) and AFTER_VISION adds options to the task's run of a
 # family that had the stage (--freeze vision by default; --vision-learning-rate R lets the encoder adapt at its own

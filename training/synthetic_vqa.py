@@ -12,6 +12,13 @@ draw them. Question kinds:
 - `read`:            what word is written?                                   (small text: resolution matters)
 - `compare`:         which image has more shapes? (two images)               (several images per prompt)
 
+Every answer is one word. The model is trained to say it alone, but for `position`: there it first says in which
+quarter of the canvas's width each named shape lies ("red circle one, blue square three: left", quarters counted
+from the left), and then the answer. Trained on the word alone, no family here ever left the answer's prior (the
+README's left/right bullet): the answer flips when the two shapes swap, so nothing that sees both alike helps, and
+the language model got no signal towards telling them apart. Saying each shape's place first gives each its own
+signal. `Example.reply` is what the model is trained to say; scoring reads the word after the colon.
+
 The same seed gives the same example on any machine (numpy's PCG64 and Pillow's bitmap font); the held-out split
 draws from seeds the training stream never uses.
 """
@@ -60,6 +67,11 @@ class Example:
     kind: str
     # How the images were drawn: `scenes`, one per image, each with its `background` and (but for words) `objects`.
     meta: dict = field(default_factory=dict)
+    # What the model is trained to say: the answer, or for `position` each shape's place and then the answer.
+    reply: str = ""
+
+    def __post_init__(self):
+        self.reply = self.reply or self.answer
 
 
 BACKGROUNDS = ("tint", "white", "texture")
@@ -190,7 +202,9 @@ def make_example(seed: int, kinds: tuple[str, ...] = KINDS) -> Example:
         question = QUESTION_TEMPLATES["position"].format(
             color=a["color"], shape=a["shape"], color2=b["color"], shape2=b["shape"]
         )
-        return Example([image], question, "left" if a["x"] < b["x"] else "right", kind, dict(scenes=[scene]))
+        answer = "left" if a["x"] < b["x"] else "right"
+        reply = position_reply(a, b, image.width, answer)
+        return Example([image], question, answer, kind, dict(scenes=[scene]), reply)
     if kind == "read":
         image, scene = draw_word(rng)
         return Example([image], QUESTION_TEMPLATES["read"], scene.pop("word"), kind, dict(scenes=[scene]))
@@ -200,6 +214,26 @@ def make_example(seed: int, kinds: tuple[str, ...] = KINDS) -> Example:
     image_b, scene_b = draw_scene(rng, second, distinct=False)
     answer = "first" if first > second else "second"
     return Example([image_a, image_b], QUESTION_TEMPLATES["compare"], answer, kind, dict(scenes=[scene_a, scene_b]))
+
+
+PLACES = NUMBERS[1:]  # the quarters of the canvas's width, from the left, as a position reply names them
+
+
+def position_reply(first: dict, second: dict, width: int, answer: str) -> str:
+    """The reply a position question is trained on: each named shape's quarter of the width, then the answer."""
+
+    def place(thing: dict) -> str:
+        return PLACES[min(len(PLACES) - 1, int(len(PLACES) * thing["x"] / width))]
+
+    return (f"{first['color']} {first['shape']} {place(first)}, {second['color']} {second['shape']} {place(second)}: "
+            f"{answer}")  # fmt: skip
+
+
+def answer_word(reply: str) -> str:
+    """The answer in what a model said: the first word after the last colon, or the first word when there is none
+    (every reply but position's is the answer alone)."""
+    words = reply.rpartition(":")[2].replace("?", " ").replace(".", " ").replace(",", " ").split()
+    return words[0].lower() if words else ""
 
 
 def _redraw_single(rng: np.random.Generator, target: dict) -> tuple[PIL.Image.Image, dict]:
@@ -249,17 +283,19 @@ def examples(split: str, size: int, seed: int = 0, multi_image: bool = True, kin
 
 
 def as_dataset(split: str, size: int, seed: int = 0, multi_image: bool = True):
-    """The split as a `datasets.Dataset` (columns images, question, answer, kind), generated on the fly."""
+    """The split as a `datasets.Dataset` (columns images, question, answer, reply, kind), generated on the fly."""
     import datasets
 
     def generate():
         for example in examples(split, size, seed, multi_image):
-            yield dict(images=example.images, question=example.question, answer=example.answer, kind=example.kind)
+            yield dict(images=example.images, question=example.question, answer=example.answer, reply=example.reply,
+                       kind=example.kind)  # fmt: skip
 
     features = datasets.Features(
         images=datasets.Sequence(datasets.Image()),
         question=datasets.Value("string"),
         answer=datasets.Value("string"),
+        reply=datasets.Value("string"),
         kind=datasets.Value("string"),
     )
     return datasets.Dataset.from_generator(generate, features=features, keep_in_memory=True)
@@ -274,5 +310,7 @@ def vocabulary() -> list[str]:
         words.update(answers)
     words.update(COLORS)
     words.update(SHAPES)
+    words.update(PLACES)
+    words.update((",", ":"))  # a position reply's punctuation
     words -= {"color2", "shape2"}
     return sorted(words)

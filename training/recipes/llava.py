@@ -37,3 +37,11 @@ def encoder_tokens(model, inputs: dict) -> list[torch.Tensor]:
     if config.vision_feature_select_strategy == "default":
         features = features[:, 1:]  # the class token is not handed on either
     return list(features)
+
+
+def encoder_token_places(model, inputs: dict) -> list[torch.Tensor]:
+    """Where each of `encoder_tokens`' tokens lies: (tokens, 2) column and row, as fractions of the input's side."""
+    from ..pretrain_vision import raster_places
+
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    return [raster_places(side, side)] * len(inputs["pixel_values"])

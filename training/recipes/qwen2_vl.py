@@ -40,3 +40,16 @@ def encoder_tokens(model, inputs: dict) -> list[torch.Tensor]:
     for block in visual.blocks:
         hidden_states = block(hidden_states, rotary, lengths)
     return list(hidden_states.split(lengths))
+
+
+def encoder_token_places(model, inputs: dict) -> list[torch.Tensor]:
+    """Where each of `encoder_tokens`' patches lies: (patches, 2) column and row, as fractions of its image's
+    sides, in the processor's merge-window order (each m x m window of patches in turn, windows in raster order)."""
+    from ..pretrain_vision import raster_places
+
+    m = model.config.vision_config.spatial_merge_size
+    places = []
+    for t, h, w in inputs["image_grid_thw"].tolist():
+        grid = raster_places(w, h).view(h // m, m, w // m, m, 2).permute(0, 2, 1, 3, 4)  # windows, then within
+        places.append(grid.reshape(h * w, 2).repeat(t, 1))
+    return places
