@@ -14,10 +14,11 @@ draw them. Question kinds:
 
 Every answer is one word. The model is trained to say it alone, but for `position`: there it first says in which
 quarter of the canvas's width each named shape lies ("red circle one, blue square three: left", quarters counted
-from the left), and then the answer. Trained on the word alone, no family here ever left the answer's prior (the
-README's left/right bullet): the answer flips when the two shapes swap, so nothing that sees both alike helps, and
-the language model got no signal towards telling them apart. Saying each shape's place first gives each its own
-signal. `Example.reply` is what the model is trained to say; scoring reads the word after the colon.
+from the left), and then the answer. Trained on the word alone, no family here ever left the answer's prior: the
+answer flips when the two shapes swap, so nothing that sees both alike helps, and the language model got no signal
+towards telling them apart. Saying each shape's place first gives each place its own signal; with the places also
+in what the language model reads, that took LLaVA from chance to 75%, and neither alone did (the README's left/right
+bullet). `Example.reply` is what the model is trained to say; scoring reads the word after the colon.
 
 The same seed gives the same example on any machine (numpy's PCG64 and Pillow's bitmap font); the held-out split
 draws from seeds the training stream never uses.
