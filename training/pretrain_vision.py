@@ -95,6 +95,16 @@ def raster_places(columns: int, rows: int) -> torch.Tensor:
     return torch.stack([column.repeat(rows), row.repeat_interleave(columns)], dim=-1)
 
 
+def vit_places(model, images: int) -> list[torch.Tensor]:
+    """Each image's token places for a square ViT read in raster order (LLaVA's, Flamingo's); NaN for the class
+    token where the features keep it (`vision_feature_select_strategy` "full"), as it lies nowhere."""
+    vision = model.config.vision_config
+    places = raster_places(vision.image_size // vision.patch_size, vision.image_size // vision.patch_size)
+    if model.config.vision_feature_select_strategy != "default":
+        places = torch.cat([torch.full((1, 2), float("nan")), places])
+    return [places] * images
+
+
 class Heads(nn.Module):
     """Linear read-outs of the pooled tokens, one per kind of picture, and with `places` one of each token's own
     place. Dropped after the stage."""

@@ -43,12 +43,8 @@ def encoder_tokens(model, inputs: dict) -> list[torch.Tensor]:
 
 def encoder_token_places(model, inputs: dict) -> list[torch.Tensor]:
     """Where each of `encoder_tokens`' tokens lies: (tokens, 2) column and row, as fractions of the input's side;
-    NaN for the class token, which the resampler also reads and which lies nowhere."""
-    from ..pretrain_vision import raster_places
+    NaN for the class token, which the resampler also reads."""
+    from ..pretrain_vision import vit_places
 
     images = inputs["pixel_values"]
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    places = raster_places(side, side)
-    if model.config.vision_feature_select_strategy != "default":
-        places = torch.cat([torch.full((1, 2), float("nan")), places])
-    return [places] * (images.shape[0] * images.shape[1] if images.dim() == 5 else len(images))
+    return vit_places(model, images.shape[0] * images.shape[1] if images.dim() == 5 else len(images))

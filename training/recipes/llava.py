@@ -41,7 +41,6 @@ def encoder_tokens(model, inputs: dict) -> list[torch.Tensor]:
 
 def encoder_token_places(model, inputs: dict) -> list[torch.Tensor]:
     """Where each of `encoder_tokens`' tokens lies: (tokens, 2) column and row, as fractions of the input's side."""
-    from ..pretrain_vision import raster_places
+    from ..pretrain_vision import vit_places
 
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    return [raster_places(side, side)] * len(inputs["pixel_values"])
+    return vit_places(model, len(inputs["pixel_values"]))
