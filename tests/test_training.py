@@ -14,7 +14,7 @@ import torch
 
 from vlm_patterns.families import FAMILIES
 from vlm_patterns.training.collate import VQACollator, prompt_text
-from vlm_patterns.training.recipes import build_model, build_processor, recipe_names
+from vlm_patterns.training.recipes import build_model, build_processor, recipe, recipe_names
 from vlm_patterns.training.synthetic_vqa import (
     ANSWERS,
     KINDS,
@@ -407,15 +407,16 @@ def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return result.stdout
 
-    out = call("fuyu", "llava")
-    assert "language model 64 wide x 3 layers" in out and "fuyu: training (the first run)" in out
+    out = call("fuyu", "llava", POSITIONS="places")
+    assert "language model 64 wide x 3 layers, ViT positions that start as places" in out
+    assert "fuyu: training (the first run)" in out
     assert "2 to train side by side" in out
     assert "fuyu: training (the second run)" in out and "fuyu: trained" in out
     assert "llava: training the vision encoder alone" in out and "fuyu: training the vision" not in out
     assert "(mixed pictures), then trained on with --freeze vision; then 2 steps at 2.5e-4 (--vision" in out
     stage = json.loads((tmp_path / "llava.vision" / "vision_pretraining.json").read_text())
     assert stage["options"]["steps"] == 2 and stage["options"]["text_width"] == 64
-    assert stage["options"]["pictures"] == "mixed"
+    assert stage["options"]["pictures"] == "mixed" and stage["options"]["positions_as_places"]
     logs = {f: json.loads((tmp_path / f / "training_log.json").read_text()) for f in ("llava", "fuyu")}
     second = {f: {k: log["options"][k] for k in ("steps", "learning_rate", "warmup_steps", "vision_learning_rate")}
               for f, log in logs.items()}  # fmt: skip
@@ -520,6 +521,80 @@ def test_the_places_the_stage_names_are_where_the_tokens_are():
     for channel, axis in ((0, 0), (1, 1)):
         brightness = patches[:, channel].mean(-1)
         assert torch.corrcoef(torch.stack([brightness, places[:, axis]]))[0, 1] > 0.99
+
+
+def column_read_out(family: str, positions_as_places: bool) -> float:
+    """R^2 of a ridge read-out of each token's column from a new model's encoder tokens: fitted on 32 task pictures,
+    measured on 16 others."""
+    from vlm_patterns.training.synthetic_vqa import draw_scene
+    from vlm_patterns.training.train import build_model_and_processor
+
+    model, processor = build_model_and_processor(TrainOptions(family=family, output="",
+                                                              positions_as_places=positions_as_places))  # fmt: skip
+    rng = np.random.default_rng(5)
+    inputs = dict(processor.image_processor([draw_scene(rng, 2)[0] for _ in range(48)], return_tensors="pt"))
+    module = recipe(family)
+    with torch.no_grad():
+        tokens = torch.stack(module.encoder_tokens(model, inputs)).double()
+    column = module.encoder_token_places(model, inputs)[0][:, 0].double()
+    placed = ~column.isnan()  # Flamingo's class token lies nowhere
+    tokens, column = tokens[:, placed], column[placed].expand(len(tokens), -1)
+    fit, fit_column = tokens[:32].flatten(0, 1), column[:32].flatten()
+    mean = fit.mean(0)
+    gram = (fit - mean).T @ (fit - mean) + torch.eye(fit.shape[1], dtype=fit.dtype)
+    weights = torch.linalg.solve(gram, (fit - mean).T @ (fit_column - fit_column.mean()))
+    test, test_column = tokens[32:].flatten(0, 1), column[32:].flatten()
+    predicted = (test - mean) @ weights + fit_column.mean()
+    return (1 - ((predicted - test_column) ** 2).sum() / ((test_column - test_column.mean()) ** 2).sum()).item()
+
+
+@pytest.mark.parametrize("family", ["llava", "flamingo"])
+def test_a_new_vits_positions_start_as_its_patches_places(family):
+    """With `--positions-as-places`, a new LLaVA's and Flamingo's ViT positions start as 2D sin-cos of each patch's
+    column and row,
+    twice as large as the patches' own embeddings; the encoder's tokens then say where they lie, which with the
+    usual small start (the default) they barely do. Qwen2-VL and Fuyu have no such table."""
+    from vlm_patterns.training.train import build_model_and_processor
+    from vlm_patterns.training.vit_positions import SCALE, sincos_places
+
+    placed, _ = build_model_and_processor(TrainOptions(family=family, output="", positions_as_places=True))
+    small, _ = build_model_and_processor(TrainOptions(family=family, output=""))  # the usual start, by default
+    positions = recipe(family).vision_embeddings(placed).position_embedding.weight.detach()
+    usual = recipe(family).vision_embeddings(small).position_embedding.weight.detach()
+    table = sincos_places(8, 8, positions.shape[1])
+    ratio = positions[1:].norm() / table.norm()
+    torch.testing.assert_close(positions[1:], ratio * table)  # raster order: column fastest
+    assert torch.equal(positions[0], usual[0])  # the class token's own, as before
+    # Twice the patches' mean norm (about 9.5 at initialisation); the usual start is about a fortieth of that.
+    assert SCALE == 2 and positions[1:].norm(dim=-1).mean() > 15 > 1 > usual[1:].norm(dim=-1).mean()
+    before, after = small.state_dict(), placed.state_dict()
+    assert [name for name in before if not torch.equal(before[name], after[name])] == [
+        name for name in before if name.endswith("position_embedding.weight")
+    ]
+    assert column_read_out(family, True) > 0.95 and column_read_out(family, False) < 0.6
+    with pytest.raises(ValueError, match="--from keeps its checkpoint's"):
+        build_model_and_processor(TrainOptions(family=family, output="", init_from="x", positions_as_places=True))
+
+
+def test_positions_as_places_is_an_option_of_both_stages():
+    from vlm_patterns.cli import build_parser
+    from vlm_patterns.training.options import options_from, vision_options_from
+
+    parser = build_parser()
+    for command, read in (("train", options_from), ("pretrain-vision", vision_options_from)):
+        assert not read(parser.parse_args([command, "llava", "--output", "x"])).positions_as_places
+        assert read(parser.parse_args([command, "llava", "--output", "x", "--positions-as-places"])).positions_as_places
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "fuyu"])
+def test_families_without_learned_vit_positions_start_as_before(family):
+    from vlm_patterns.training.train import build_model_and_processor
+
+    assert not hasattr(recipe(family), "vision_embeddings")
+    placed, _ = build_model_and_processor(TrainOptions(family=family, output="", positions_as_places=True))
+    small, _ = build_model_and_processor(TrainOptions(family=family, output=""))
+    before, after = small.state_dict(), placed.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 def test_fuyu_has_no_vision_encoder_stage(tmp_path):

@@ -28,6 +28,8 @@ class TrainOptions:
     # The language model's size, the same for every family so that they stay comparable (from scratch only).
     text_width: int = 128
     text_layers: int = 3
+    # From scratch: a ViT's learned positions start as its patches' places (training/vit_positions.py), not small.
+    positions_as_places: bool = False
     without_code: bool = False
     seed: int = 0
     eval_every: int = 500
@@ -55,6 +57,7 @@ class VisionPretrainOptions:
     init_from: str | None = None
     text_width: int = 128
     text_layers: int = 3
+    positions_as_places: bool = False  # as for TrainOptions
     without_code: bool = False
     seed: int = 0
     eval_every: int = 250
@@ -77,6 +80,13 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, defaults, per_step:
                         help="AdamW decoupled weight decay (default: %(default)s)")  # fmt: skip
 
 
+def add_positions_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--positions-as-places", action="store_true",
+                        help="from scratch: start the ViT's learned positions as 2D sin-cos of each patch's place, "
+                             "twice as large as the patches' own embeddings, not small and random (LLaVA, Flamingo; "
+                             "training/vit_positions.py: a position question learnt, single shapes named slower)")  # fmt: skip
+
+
 def add_vision_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = VisionPretrainOptions(family="", output="")
     parser.add_argument("family", choices=recipe_names(), help="the pattern whose vision encoder to pre-train")
@@ -88,6 +98,7 @@ def add_vision_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a new model's language model width, as for train (default: %(default)s)")  # fmt: skip
     parser.add_argument("--text-layers", type=int, default=defaults.text_layers,
                         help="a new model's language model layers (default: %(default)s)")  # fmt: skip
+    add_positions_argument(parser)
     parser.add_argument("--without-code", action="store_true",
                         help="no code files for trust_remote_code (checkpoints kept inside this repository)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=defaults.seed, help="weights and pictures (default: %(default)s)")
@@ -130,6 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as wide; default: %(default)s)")  # fmt: skip
     parser.add_argument("--text-layers", type=int, default=defaults.text_layers,
                         help="from scratch: the language model's layers (default: %(default)s)")  # fmt: skip
+    add_positions_argument(parser)
     parser.add_argument("--without-code", action="store_true",
                         help="no code files for trust_remote_code (checkpoints kept inside this repository)")  # fmt: skip
     parser.add_argument(

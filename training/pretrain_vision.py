@@ -201,6 +201,7 @@ def pretrain_vision(options: VisionPretrainOptions, progress: bool = True) -> di
     model, processor = build_model_and_processor(TrainOptions(
         family=options.family, output=options.output, init_from=options.init_from, seed=options.seed,
         text_width=options.text_width, text_layers=options.text_layers,
+        positions_as_places=options.positions_as_places,
     ))  # fmt: skip
     encoder = [p for name, p in model.named_parameters() if name.startswith(model.vision_encoder_prefixes)]
     model.requires_grad_(False)

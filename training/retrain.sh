@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
-# The four embedded models trained again, evaluated and compared, by a call that can be repeated until it is done.
-# The families train side by side. On a GPU machine they share the one device (each step is small; drawing examples is
-# the CPU's work, shared out as DataLoader workers). On a CPU each run gets its share of the cores as threads
+# The four embedded models trained again, evaluated and compared, by a call that can be repeated until it is done. The
+# families train side by side. On a GPU machine they share the one device (each step is small; drawing examples is the
+# CPU's work, shared out as DataLoader workers). On a CPU each run gets its share of the cores as threads
 # (OMP_NUM_THREADS, at least one each): these small models gain little from a second thread (on 2 cores, two Fuyu runs
 # of one thread each made 1.3 times the steps of one run of two threads, and four made as many as two). Each run saves a
 # Trainer checkpoint every SAVE_STEPS under $OUT/<family>/trainer and the next call resumes it with the same options, so
 # a CPU retrains over several sittings, TRAIN_SECONDS of training per call. Everything lands in ${OUT:-training/runs}:
 # one checkpoint folder per family, the training and evaluation logs, and comparison/ with the README table once every
 # family asked for has finished. By default this is the shipped models' recipe, in three steps, with the two changes
-# made since (position replies that name the shapes' places; the stage also names each token's place). With VISION_STEPS
-# (2000; 0: no stage), a family with a vision encoder first trains it alone for that many steps (`vlm-patterns
-# pretrain-vision`, into $OUT/<family>.vision, kept across calls) and learns the task from there; Fuyu has no encoder.
-# VISION_PICTURES picks the stage's pictures (one-shape or mixed) and AFTER_VISION adds options to the task's run of a
-# family that had the stage (--freeze vision by default; --vision-learning-rate R lets the encoder adapt at its own
-# rate; empty: trained with the rest). With SECOND_STEPS (1500; 0: one run), each family's first run of STEPS (then in
-# $OUT/<family>.first) is followed by a second of that many steps from its weights, at SECOND_RATE after 50 warm-up
-# steps, into $OUT/<family>; SECOND_VISION adds options to the second run of a family that had the stage
-# (--vision-learning-rate 1e-4 by default: the encoder the first run kept frozen thaws at a fifth of the rate). Fuyu
-# gets the same steps and rates.
+# made since (position replies that name the shapes' places; the stage also names each token's place). POSITIONS=places
+# starts a new LLaVA's and Flamingo's ViT positions as its patches' places (--positions-as-places,
+# training/vit_positions.py: measured, it teaches the position question and slows the naming of shapes; small: the usual
+# start, by default). With VISION_STEPS (2000; 0: no stage), a family with a vision encoder first trains it alone for
+# that many steps (`vlm-patterns pretrain-vision`, into $OUT/<family>.vision, kept across calls) and learns the task
+# from there; Fuyu has no encoder. VISION_PICTURES picks the stage's pictures (one-shape or mixed) and AFTER_VISION adds
+# options to the task's run of a family that had the stage (--freeze vision by default; --vision-learning-rate R lets
+# the encoder adapt at its own rate; empty: trained with the rest). With SECOND_STEPS (1500; 0: one run), each family's
+# first run of STEPS (then in $OUT/<family>.first) is followed by a second of that many steps from its weights, at
+# SECOND_RATE after 50 warm-up steps, into $OUT/<family>; SECOND_VISION adds options to the second run of a family that
+# had the stage (--vision-learning-rate 1e-4 by default: the encoder the first run kept frozen thaws at a fifth of the
+# rate). Fuyu gets the same steps and rates.
 #   bash training/retrain.sh                            # the shipped recipe: stage, 6000 steps frozen, 1500 thawed
 #   TRAIN_SECONDS=3600 bash training/retrain.sh         # a CPU: an hour now, more later
 #   STEPS=20000 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh   # a larger language model, longer
 #   VISION_STEPS=0 SECOND_STEPS=0 bash training/retrain.sh              # one run of the whole model, no stage
+#   POSITIONS=places OUT=training/runs/places bash training/retrain.sh  # ViT positions that start as places
 #   STEPS=4 SAVE_STEPS=2 VISION_STEPS=2 SECOND_STEPS=2 EVAL_EXAMPLES=8 bash training/retrain.sh fuyu llava  # a dry run
 # TRAIN_SECONDS bounds the call's training (420 s by default on a GPU, no bound on a CPU); a run stopped by it keeps its
 # latest checkpoint. Promote a result by copying its folders over training/checkpoints/ and running `python -m
@@ -35,6 +38,12 @@ TEXT_WIDTH=${TEXT_WIDTH:-128}
 TEXT_LAYERS=${TEXT_LAYERS:-3}
 VISION_STEPS=${VISION_STEPS:-2000}
 VISION_PICTURES=${VISION_PICTURES:-one-shape}
+POSITIONS=${POSITIONS:-small}
+case $POSITIONS in
+    small) position_start=() ;;
+    places) position_start=(--positions-as-places) ;;
+    *) echo "POSITIONS must be small or places, not $POSITIONS" >&2; exit 2 ;;
+esac
 read -r -a AFTER_VISION <<< "${AFTER_VISION---freeze vision}"
 SECOND_STEPS=${SECOND_STEPS:-1500}
 SECOND_RATE=${SECOND_RATE:-2.5e-4}
@@ -64,14 +73,16 @@ stage=$( [ "$VISION_STEPS" -gt 0 ] && echo "; vision encoders first trained alon
 ($VISION_PICTURES pictures)${AFTER_VISION[*]:+, then trained on with ${AFTER_VISION[*]}}" || true)
 second=$( [ "$SECOND_STEPS" -gt 0 ] && echo "; then $SECOND_STEPS steps at $SECOND_RATE\
 ${SECOND_VISION[*]:+ (${SECOND_VISION[*]} after the stage)}" || true)
+places=$( [ "$POSITIONS" = places ] && echo ", ViT positions that start as places" || true)
 echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers\
-$stage$second"
+$places$stage$second"
 if [ "$device" = cpu ] && [ "$untrained" -gt 0 ]; then
     echo "$untrained to train side by side, $threads thread(s) each"
 fi
 
 train() {  # family, deadline (0: no bound)
-    local family=$1 deadline=$2 start=(--text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS") second=()
+    local family=$1 deadline=$2 second=()
+    local start=(--text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS" "${position_start[@]}")
     local first=$OUT/$family
     [ "$SECOND_STEPS" -gt 0 ] && first=$OUT/$family.first
     if [ "$VISION_STEPS" -gt 0 ] && [[ $encoders == *" $family "* ]]; then

@@ -225,13 +225,16 @@ class TrainingTime:
 
 
 def build_model_and_processor(options: TrainOptions):
-    from .recipes import build_model, build_processor, text_size
+    from .recipes import build_model, build_processor, recipe, text_size
+    from .vit_positions import start_positions_as_places
     from .vqa_tokenizer import build_vqa_tokenizer
 
     defaults = TrainOptions(family=options.family, output=options.output)
     sized = (options.text_width, options.text_layers) != (defaults.text_width, defaults.text_layers)
     if options.init_from and sized:
         raise ValueError("--text-width and --text-layers size a new model; --from keeps its checkpoint's size")
+    if options.init_from and options.positions_as_places:
+        raise ValueError("--positions-as-places starts a new model's ViT positions; --from keeps its checkpoint's")
     if options.init_from:
         from .evaluate import load_checkpoint
 
@@ -249,7 +252,11 @@ def build_model_and_processor(options: TrainOptions):
             for block in model.model.gated_cross_attn_layers:
                 block.alpha_cross_attn.fill_(options.gate_init)
                 block.alpha_dense.fill_(options.gate_init)
-    return model, build_processor(options.family, tokenizer)
+    processor = build_processor(options.family, tokenizer)
+    family = recipe(options.family)
+    if options.positions_as_places and hasattr(family, "vision_embeddings"):
+        start_positions_as_places(family.vision_embeddings(model), processor.image_processor)
+    return model, processor
 
 
 def train(options: TrainOptions) -> dict:

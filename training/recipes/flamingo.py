@@ -48,3 +48,9 @@ def encoder_token_places(model, inputs: dict) -> list[torch.Tensor]:
 
     images = inputs["pixel_values"]
     return vit_places(model, images.shape[0] * images.shape[1] if images.dim() == 5 else len(images))
+
+
+def vision_embeddings(model):
+    """The ViT's patch and position embeddings, whose positions `--positions-as-places` starts as places
+    (training/vit_positions.py)."""
+    return model.model.vision_model.embeddings

@@ -44,3 +44,9 @@ def encoder_token_places(model, inputs: dict) -> list[torch.Tensor]:
     from ..pretrain_vision import vit_places
 
     return vit_places(model, len(inputs["pixel_values"]))
+
+
+def vision_embeddings(model):
+    """The ViT's patch and position embeddings, whose positions `--positions-as-places` starts as places
+    (training/vit_positions.py)."""
+    return model.model.vision_tower.embeddings
