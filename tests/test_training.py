@@ -289,6 +289,10 @@ def test_trainer_arguments_pass_through_and_resume(tmp_path):
     # Resumed with other options, the checkpoint's optimizer and schedule would go on as a different run.
     with pytest.raises(ValueError, match=r"these differ: steps 6 \(the run's: 4\), seed 1 \(the run's: 0\)"):
         train(TrainOptions(**{**vars(options), "resume": True, "steps": 6, "seed": 1, "eval_every": 3}))
+    record = trainer_folder / "options.json"
+    older = json.loads(record.read_text())
+    del older["positions_as_places"]  # a run recorded before that option was added ran with its default
+    record.write_text(json.dumps(older))
     resumed = train(TrainOptions(**{**vars(options), "resume": True}))
     weights = load_file(Path(options.output) / "model.safetensors")
     assert weights.keys() == expected.keys()

@@ -352,10 +352,12 @@ def check_resumed_options(folder: Path, options: TrainOptions) -> None:
         recorded["init_from"] = str(Path(recorded["init_from"]).resolve())  # the same folder, however it is named
     path = folder / "options.json"
     if options.resume and path.exists():
-        started = json.loads(path.read_text())
-        changed = [k for k in recorded if k not in RESUMABLE_CHANGES and started.get(k) != recorded[k]]
+        # An option newer than the run's record was its default when the run started.
+        started = json.loads(json.dumps(asdict(TrainOptions(family=options.family, output=options.output))))
+        started.update(json.loads(path.read_text()))
+        changed = [k for k in recorded if k not in RESUMABLE_CHANGES and started[k] != recorded[k]]
         if changed:
-            differences = ", ".join(f"{k} {recorded[k]!r} (the run's: {started.get(k)!r})" for k in changed)
+            differences = ", ".join(f"{k} {recorded[k]!r} (the run's: {started[k]!r})" for k in changed)
             raise ValueError(f"--resume continues the run in {folder} with the options it started with; these "
                              f"differ: {differences}. Give the same options, or another --output to start afresh")  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
