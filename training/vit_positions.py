@@ -9,8 +9,8 @@ the same model left that prior within a thousand steps. Over 8 x 8 patches most 
 at every place (the cosines of its slow frequencies stay near 1): the part that varies is about as large as the
 patches. It costs shapes: from scratch, the vision stage then names single shapes far slower (55% at step 1000
 against 79%), so it is an option (LLaVA and Flamingo, through their recipes' `vision_embeddings`), not the default.
-Centring the table (the same varying part, without the shared one) named shapes no faster and, in one run, left
-the position question's prior later. The positions stay learned parameters; this is where they start, and a
+Centring the table (the same varying part, without the shared one) named shapes no faster and, in one run, did
+not leave the position question's prior by step 1800, though its loss fell as far. The positions stay learned parameters; this is where they start, and a
 checkpoint is laid out exactly as before. Qwen2-VL's ViT has no learned positions (2D
 rotary), and Fuyu no encoder.
 """
