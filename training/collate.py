@@ -3,8 +3,9 @@
 For training, each example is a two-turn conversation (the question with its images, then the answer) rendered by
 the family's chat template and tokenized by its processor with `return_assistant_tokens_mask=True`, the way TRL's
 SFT and most fine-tuning scripts mask the prompt: only the reply's tokens (the template's `{% generation %}` part:
-the example's `reply`, or its `answer` when it has none, and the family's end token) carry labels; the question, the image placeholders and the padding are
--100. Without answers (evaluation, generation) the prompt ends with the template's generation prompt.
+the example's `reply`, or its `answer` when it has none, and the family's end token) carry labels; the question,
+the image placeholders and the padding are -100. Without answers (evaluation, generation) the prompt ends with the
+template's generation prompt.
 """
 
 import torch
