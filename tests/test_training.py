@@ -116,6 +116,16 @@ def test_tokenizer_knows_every_word_of_the_family_prompts(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_reply_decodes_as_it_is_written(family, shipped):
+    """A position reply reads back with its punctuation attached, from a new tokenizer and from the shipped one
+    (the Space shows it)."""
+    reply = examples("train", 1, kinds=("position",))[0].reply
+    assert ": " in reply and " :" not in reply
+    for tokenizer in (build_vqa_tokenizer(family), shipped[family][1].tokenizer):
+        assert tokenizer.decode(tokenizer(reply, add_special_tokens=False)["input_ids"]) == reply
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_collator_labels_only_the_reply(family):
     processor = build_processor(family)
     multi_image = FAMILIES[family].images_per_prompt != 1
@@ -402,7 +412,7 @@ def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
     script = Path(__file__).parents[1] / "training" / "retrain.sh"
     env = dict(os.environ, OUT=str(tmp_path), STEPS="2", SAVE_STEPS="1", EVAL_EXAMPLES="8", TEXT_WIDTH="64",
                VISION_STEPS="2", VISION_PICTURES="mixed", AFTER_VISION="--freeze vision", SECOND_STEPS="2",
-               SECOND_VISION="--vision-learning-rate 1e-4",
+               SECOND_VISION="--vision-learning-rate 1e-4", LATER_STEPS="0",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
 
     def call(*families: str, **changes: str) -> str:
@@ -459,6 +469,21 @@ def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
     log = json.loads((tmp_path / "one" / "fuyu" / "training_log.json").read_text())
     assert log["options"]["steps"] == 2 and "started_from" not in log
     assert (tmp_path / "one" / "comparison" / "comparison.md").exists()
+
+    # Later runs (the shipped recipe's last two, here after one first run): the whole model, each from the one
+    # before on a stream of its own; the first of them resets LLaVA's ViT positions to places (POSITIONS=reset, the
+    # default), and Fuyu, with no ViT, is not given the option.
+    out = call("fuyu", "llava", OUT=str(tmp_path / "later"), VISION_STEPS="0", SECOND_STEPS="0", LATER_STEPS="2",
+               LATER_RUNS="2", POSITIONS="reset")  # fmt: skip
+    assert "then 2 x 2 steps at 2.5e-4, the whole model, ViT positions reset to places first" in out
+    assert "llava: training (the second run)" in out and "fuyu: training (the third run)" in out
+    for family in ("fuyu", "llava"):
+        last = json.loads((tmp_path / "later" / family / "training_log.json").read_text())
+        runs = [last, last["started_from"], last["started_from"]["started_from"]]
+        assert [run["options"]["init_from"] for run in runs] == [f"{family}.second", f"{family}.first", None]
+        assert [run["options"]["seed"] for run in runs] == [4, 3, 0]
+        assert [run["options"]["positions_as_places"] for run in runs] == [False, family == "llava", False]
+        assert runs[0]["options"]["learning_rate"] == runs[1]["options"]["learning_rate"] == 2.5e-4
 
 
 def test_every_family_of_the_registry_has_a_training_recipe():
@@ -576,8 +601,29 @@ def test_a_new_vits_positions_start_as_its_patches_places(family):
         name for name in before if name.endswith("position_embedding.weight")
     ]
     assert column_read_out(family, True) > 0.95 and column_read_out(family, False) < 0.6
-    with pytest.raises(ValueError, match="--from keeps its checkpoint's"):
-        build_model_and_processor(TrainOptions(family=family, output="", init_from="x", positions_as_places=True))
+
+
+@pytest.mark.parametrize("family", ["llava", "flamingo"])
+def test_positions_as_places_with_from_replaces_only_the_checkpoints_positions(family, tmp_path):
+    """With `--from`, `--positions-as-places` resets a trained checkpoint's ViT positions to places (the task after
+    the vision stage); every other weight is the checkpoint's."""
+    from vlm_patterns.training.train import build_model_and_processor
+    from vlm_patterns.training.vit_positions import sincos_places
+
+    trained, processor = build_model_and_processor(TrainOptions(family=family, output="", seed=4))
+    trained.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    kept, _ = build_model_and_processor(TrainOptions(family=family, output="", init_from=str(tmp_path)))
+    reset, _ = build_model_and_processor(TrainOptions(family=family, output="", init_from=str(tmp_path),
+                                                      positions_as_places=True))  # fmt: skip
+    before, after = kept.state_dict(), reset.state_dict()
+    assert all(torch.equal(before[name], trained.state_dict()[name]) for name in before)  # --from alone: as saved
+    assert [name for name in before if not torch.equal(before[name], after[name])] == [
+        name for name in before if name.endswith("position_embedding.weight")
+    ]
+    positions = recipe(family).vision_embeddings(reset).position_embedding.weight.detach()
+    table = sincos_places(8, 8, positions.shape[1])
+    torch.testing.assert_close(positions[1:], positions[1:].norm() / table.norm() * table)
 
 
 def test_positions_as_places_is_an_option_of_both_stages():

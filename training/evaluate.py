@@ -236,9 +236,9 @@ def plot(results: list[Evaluation], curves: dict, path: Path, stage_starts: list
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for family, curve in curves.items():
         left.plot([p["examples"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", label=family)
-    for start in stage_starts:  # each point is measured on the held-out questions of its own stage's task
+    for run, start in enumerate(stage_starts, 2):  # each point is measured on the held-out questions of its own run
         left.axvline(start, color="grey", linestyle=":")
-        left.annotate("fine-tuning", (start, 0), xycoords=("data", "axes fraction"), xytext=(4, 6),
+        left.annotate(f"run {run}", (start, 0), xycoords=("data", "axes fraction"), xytext=(4, 6),
                       textcoords="offset points", color="grey")  # fmt: skip
     left.set(xlabel="training examples seen", ylabel="held-out accuracy (%)", title="Learning curves")
     left.grid(alpha=0.3)

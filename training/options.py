@@ -28,7 +28,8 @@ class TrainOptions:
     # The language model's size, the same for every family so that they stay comparable (from scratch only).
     text_width: int = 128
     text_layers: int = 3
-    # From scratch: a ViT's learned positions start as its patches' places (training/vit_positions.py), not small.
+    # A ViT's learned positions start as its patches' places (training/vit_positions.py): a new model's, not small
+    # ones, or with --from the checkpoint's, replaced.
     positions_as_places: bool = False
     without_code: bool = False
     seed: int = 0
@@ -82,9 +83,9 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, defaults, per_step:
 
 def add_positions_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positions-as-places", action="store_true",
-                        help="from scratch: start the ViT's learned positions as 2D sin-cos of each patch's place, "
-                             "twice as large as the patches' own embeddings, not small and random (LLaVA, Flamingo; "
-                             "training/vit_positions.py: a position question learnt, single shapes named slower)")  # fmt: skip
+                        help="start the ViT's learned positions as 2D sin-cos of each patch's place, twice as large "
+                             "as the patches' own embeddings: a new model's, not small and random, or with --from the "
+                             "checkpoint's, replaced (LLaVA, Flamingo; training/vit_positions.py)")  # fmt: skip
 
 
 def add_vision_arguments(parser: argparse.ArgumentParser) -> None:

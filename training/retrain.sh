@@ -7,25 +7,32 @@
 # Trainer checkpoint every SAVE_STEPS under $OUT/<family>/trainer and the next call resumes it with the same options, so
 # a CPU retrains over several sittings, TRAIN_SECONDS of training per call. Everything lands in ${OUT:-training/runs}:
 # one checkpoint folder per family, the training and evaluation logs, and comparison/ with the README table once every
-# family asked for has finished. By default this is the shipped models' recipe, in three steps, with the two changes
-# made since (position replies that name the shapes' places; the stage also names each token's place). POSITIONS=places
-# starts a new LLaVA's and Flamingo's ViT positions as its patches' places (--positions-as-places,
-# training/vit_positions.py: measured, it teaches the position question and slows the naming of shapes; small: the usual
-# start, by default). With VISION_STEPS (2000; 0: no stage), a family with a vision encoder first trains it alone for
-# that many steps (`vlm-patterns pretrain-vision`, into $OUT/<family>.vision, kept across calls) and learns the task
-# from there; Fuyu has no encoder. VISION_PICTURES picks the stage's pictures (one-shape or mixed) and AFTER_VISION adds
-# options to the task's run of a family that had the stage (--freeze vision by default; --vision-learning-rate R lets
-# the encoder adapt at its own rate; empty: trained with the rest). With SECOND_STEPS (1500; 0: one run), each family's
-# first run of STEPS (then in $OUT/<family>.first) is followed by a second of that many steps from its weights, at
-# SECOND_RATE after 50 warm-up steps, into $OUT/<family>; SECOND_VISION adds options to the second run of a family that
-# had the stage (--vision-learning-rate 1e-4 by default: the encoder the first run kept frozen thaws at a fifth of the
-# rate). Fuyu gets the same steps and rates.
-#   bash training/retrain.sh                            # the shipped recipe: stage, 6000 steps frozen, 1500 thawed
+# family asked for has finished. By default this is the shipped models' recipe, in five steps, with two changes made
+# after its first steps had run (position replies from the first run on, where the shipped models' first two runs
+# answered with the word alone; the stage also names each token's place). With VISION_STEPS (2000; 0: no stage), a
+# family with a vision encoder first trains it alone for that many steps (`vlm-patterns pretrain-vision`, into
+# $OUT/<family>.vision, kept across calls) and learns the task from there; Fuyu has no encoder. VISION_PICTURES picks
+# the stage's pictures (one-shape or mixed) and AFTER_VISION adds options to the task's first run of a family that had
+# the stage (--freeze vision by default; --vision-learning-rate R lets the encoder adapt at its own rate; empty: trained
+# with the rest). The first run has STEPS. With SECOND_STEPS (1500; 0: none), a second run of that many steps follows
+# from its weights, at SECOND_RATE after 50 warm-up steps; SECOND_VISION adds options to it for a family that had the
+# stage (--vision-learning-rate 1e-4 by default: the encoder the first run kept frozen thaws at a fifth of the rate).
+# With LATER_STEPS (5000; 0: none), LATER_RUNS (1 to 4; 2 by default) later runs of that many steps follow, each from
+# the one before: the whole model at LATER_RATE, each on a stream of examples of its own (seeds 3, 4, ...). POSITIONS
+# says where LLaVA's and Flamingo's learned ViT positions start (training/vit_positions.py): reset, the default,
+# replaces them with 2D sin-cos of each patch's place at the first later run, after the encoder has learned shapes with
+# small ones (measured: Flamingo then answers the position question; a reset from scratch slows the stage's naming of
+# shapes); places starts a new model's positions so (--positions-as-places from scratch); small keeps the usual small
+# random start throughout. Each run lands in $OUT/<family>.<first, second, ...>, the last in $OUT/<family>. Fuyu gets
+# the same steps and rates.
+#   bash training/retrain.sh                            # the shipped recipe: stage, 6000 frozen, 1500 thawed, 2 x 5000
 #   TRAIN_SECONDS=3600 bash training/retrain.sh         # a CPU: an hour now, more later
 #   STEPS=20000 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh   # a larger language model, longer
-#   VISION_STEPS=0 SECOND_STEPS=0 bash training/retrain.sh              # one run of the whole model, no stage
-#   POSITIONS=places OUT=training/runs/places bash training/retrain.sh  # ViT positions that start as places
-#   STEPS=4 SAVE_STEPS=2 VISION_STEPS=2 SECOND_STEPS=2 EVAL_EXAMPLES=8 bash training/retrain.sh fuyu llava  # a dry run
+#   VISION_STEPS=0 SECOND_STEPS=0 LATER_STEPS=0 bash training/retrain.sh   # one run of the whole model, no stage
+#   POSITIONS=small OUT=training/runs/small bash training/retrain.sh       # ViT positions never reset
+#   LATER_RUNS=1 bash training/retrain.sh                                  # 5000 steps fewer (the README measures it)
+#   STEPS=4 SAVE_STEPS=2 VISION_STEPS=2 SECOND_STEPS=2 LATER_STEPS=2 EVAL_EXAMPLES=8 \
+#       bash training/retrain.sh fuyu llava                                # a dry run
 # TRAIN_SECONDS bounds the call's training (420 s by default on a GPU, no bound on a CPU); a run stopped by it keeps its
 # latest checkpoint. Promote a result by copying its folders over training/checkpoints/ and running `python -m
 # vlm_patterns.training.ship` (which adds the code for trust_remote_code).
@@ -38,16 +45,25 @@ TEXT_WIDTH=${TEXT_WIDTH:-128}
 TEXT_LAYERS=${TEXT_LAYERS:-3}
 VISION_STEPS=${VISION_STEPS:-2000}
 VISION_PICTURES=${VISION_PICTURES:-one-shape}
-POSITIONS=${POSITIONS:-small}
+POSITIONS=${POSITIONS:-reset}
+position_start=() position_reset=()
 case $POSITIONS in
-    small) position_start=() ;;
+    reset) position_reset=(--positions-as-places) ;;
     places) position_start=(--positions-as-places) ;;
-    *) echo "POSITIONS must be small or places, not $POSITIONS" >&2; exit 2 ;;
+    small) ;;
+    *) echo "POSITIONS must be reset, places or small, not $POSITIONS" >&2; exit 2 ;;
 esac
 read -r -a AFTER_VISION <<< "${AFTER_VISION---freeze vision}"
 SECOND_STEPS=${SECOND_STEPS:-1500}
 SECOND_RATE=${SECOND_RATE:-2.5e-4}
 read -r -a SECOND_VISION <<< "${SECOND_VISION---vision-learning-rate 1e-4}"
+LATER_STEPS=${LATER_STEPS:-5000}
+LATER_RUNS=${LATER_RUNS:-2}
+LATER_RATE=${LATER_RATE:-2.5e-4}
+ORDINALS=(first second third fourth fifth sixth)
+if [ "$LATER_STEPS" -gt 0 ] && ! [[ $LATER_RUNS =~ ^[1-4]$ ]]; then
+    echo "LATER_RUNS must be 1 to 4, not $LATER_RUNS" >&2; exit 2
+fi
 EVAL_EXAMPLES=${EVAL_EXAMPLES:-3000}
 mkdir -p "$OUT"
 FAMILIES=("$@")
@@ -69,22 +85,25 @@ else
 fi
 encoders=" $(python -c 'from vlm_patterns.training import pretrain_vision as p, recipes as r
 print(*(f for f in r.recipe_names() if p.encoder_of(f)))') "
+learned_positions=" $(python -c 'from vlm_patterns.training import recipes as r
+print(*(f for f in r.recipe_names() if hasattr(r.recipe(f), "vision_embeddings")))') "
 stage=$( [ "$VISION_STEPS" -gt 0 ] && echo "; vision encoders first trained alone for $VISION_STEPS steps \
 ($VISION_PICTURES pictures)${AFTER_VISION[*]:+, then trained on with ${AFTER_VISION[*]}}" || true)
 second=$( [ "$SECOND_STEPS" -gt 0 ] && echo "; then $SECOND_STEPS steps at $SECOND_RATE\
 ${SECOND_VISION[*]:+ (${SECOND_VISION[*]} after the stage)}" || true)
 places=$( [ "$POSITIONS" = places ] && echo ", ViT positions that start as places" || true)
+later=$( [ "$LATER_STEPS" -gt 0 ] && echo "; then $LATER_RUNS x $LATER_STEPS steps at $LATER_RATE, the whole model\
+$( [ "$POSITIONS" = reset ] && echo ", ViT positions reset to places first" )" || true)
 echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers\
-$places$stage$second"
+$places$stage$second$later"
 if [ "$device" = cpu ] && [ "$untrained" -gt 0 ]; then
     echo "$untrained to train side by side, $threads thread(s) each"
 fi
 
 train() {  # family, deadline (0: no bound)
-    local family=$1 deadline=$2 second=()
-    local start=(--text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS" "${position_start[@]}")
-    local first=$OUT/$family
-    [ "$SECOND_STEPS" -gt 0 ] && first=$OUT/$family.first
+    local family=$1 deadline=$2 second=() runs=(first) later=0 from="" output options k
+    local start=(--text-width "$TEXT_WIDTH" --text-layers "$TEXT_LAYERS")
+    [[ $learned_positions == *" $family "* ]] && start+=("${position_start[@]}")
     if [ "$VISION_STEPS" -gt 0 ] && [[ $encoders == *" $family "* ]]; then
         if [ ! -f "$OUT/$family.vision/vision_pretraining.json" ]; then  # written when the stage is done
             echo "$family: training the vision encoder alone"
@@ -95,17 +114,31 @@ train() {  # family, deadline (0: no bound)
         start=(--from "$OUT/$family.vision" "${AFTER_VISION[@]}")  # the language model's size comes with it
         second=("${SECOND_VISION[@]}")
     fi
-    if [ ! -f "$first/training_log.json" ]; then
-        run "$family" "$first" "$deadline" "the first run" --steps "$STEPS" "${start[@]}" || return
-    fi
-    [ "$SECOND_STEPS" -gt 0 ] || return 0
-    run "$family" "$OUT/$family" "$deadline" "the second run" --from "$first" --steps "$SECOND_STEPS" \
-        --learning-rate "$SECOND_RATE" --warmup-steps 50 "${second[@]}"
+    [ "$SECOND_STEPS" -gt 0 ] && runs+=(second)
+    [ "$LATER_STEPS" -gt 0 ] && runs+=("${ORDINALS[@]:${#runs[@]}:$LATER_RUNS}")
+    for k in "${!runs[@]}"; do
+        output=$OUT/$family.${runs[$k]}
+        [ "$k" -eq $(( ${#runs[@]} - 1 )) ] && output=$OUT/$family  # the last run lands in the family's folder
+        if [ "$k" -eq 0 ]; then
+            options=(--steps "$STEPS" "${start[@]}")
+        elif [ "$k" -eq 1 ] && [ "$SECOND_STEPS" -gt 0 ]; then
+            options=(--from "$from" --steps "$SECOND_STEPS" --learning-rate "$SECOND_RATE" --warmup-steps 50 \
+                "${second[@]}")
+        else  # a later run: the whole model, a stream of its own (seeds 3, 4, ...: the first two runs drew seed 0's)
+            later=$(( later + 1 ))
+            options=(--from "$from" --steps "$LATER_STEPS" --learning-rate "$LATER_RATE" --seed $(( 2 + later )))
+            [ "$later" -eq 1 ] && [[ $learned_positions == *" $family "* ]] && options+=("${position_reset[@]}")
+        fi
+        if [ ! -f "$output/training_log.json" ]; then
+            run "$family" "$output" "$deadline" "the ${runs[$k]} run" "${options[@]}" || return
+        fi
+        from=$output
+    done
 }
 run() {  # family, output folder, deadline (0: no bound), what, train options...
     local family=$1 output=$2 deadline=$3 what=" ($4)" resume=() bound=0
     shift 4
-    [ "$SECOND_STEPS" -gt 0 ] || what=""  # one run: nothing to tell apart
+    [ "$SECOND_STEPS" -gt 0 ] || [ "$LATER_STEPS" -gt 0 ] || what=""  # one run: nothing to tell apart
     if [ "$deadline" -gt 0 ]; then
         bound=$(( deadline - $(date +%s) ))
         [ "$bound" -gt 0 ] || return 124

@@ -225,23 +225,20 @@ class TrainingTime:
 
 
 def build_model_and_processor(options: TrainOptions):
-    from .recipes import build_model, build_processor, recipe, text_size
-    from .vit_positions import start_positions_as_places
+    from .recipes import build_model, build_processor, text_size
     from .vqa_tokenizer import build_vqa_tokenizer
 
     defaults = TrainOptions(family=options.family, output=options.output)
     sized = (options.text_width, options.text_layers) != (defaults.text_width, defaults.text_layers)
     if options.init_from and sized:
         raise ValueError("--text-width and --text-layers size a new model; --from keeps its checkpoint's size")
-    if options.init_from and options.positions_as_places:
-        raise ValueError("--positions-as-places starts a new model's ViT positions; --from keeps its checkpoint's")
     if options.init_from:
         from .evaluate import load_checkpoint
 
         model, processor, family = load_checkpoint(options.init_from)
         if family != options.family:
             raise ValueError(f"{options.init_from} is a {family} checkpoint, not {options.family}")
-        return model, processor
+        return start_positions(model, processor, options), processor
     tokenizer = build_vqa_tokenizer(options.family)
     model = build_model(options.family, tokenizer, options.seed, text_size(options.text_width, options.text_layers))
     if hasattr(model.model, "gated_cross_attn_layers"):
@@ -253,10 +250,19 @@ def build_model_and_processor(options: TrainOptions):
                 block.alpha_cross_attn.fill_(options.gate_init)
                 block.alpha_dense.fill_(options.gate_init)
     processor = build_processor(options.family, tokenizer)
+    return start_positions(model, processor, options), processor
+
+
+def start_positions(model, processor, options: TrainOptions):
+    """With --positions-as-places, the ViT's learned positions (a new model's, or with --from the checkpoint's,
+    replaced) set to its patches' places; the model as it was otherwise."""
+    from .recipes import recipe
+    from .vit_positions import start_positions_as_places
+
     family = recipe(options.family)
     if options.positions_as_places and hasattr(family, "vision_embeddings"):
         start_positions_as_places(family.vision_embeddings(model), processor.image_processor)
-    return model, processor
+    return model
 
 
 def train(options: TrainOptions) -> dict:

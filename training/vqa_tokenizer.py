@@ -33,7 +33,9 @@ def build_vqa_tokenizer(family: str) -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
     )
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces, punctuation attached
+    # Words joined by spaces, punctuation attached (WordPiece's clean-up attaches ",", "." and "?", not ":", which a
+    # position reply ends with: "... circle four: left").
+    tokenizer.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=True), decoders.Replace(" :", ":")])
     if bos is not None and not getattr(recipe_of_family, "PROCESSOR_PLACES_BOS", False):
         tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
