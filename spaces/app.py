@@ -61,8 +61,9 @@ TRAINED_FOR = (
     "canvases, and on six kinds of question only, asked in these words: *What color is the square?* · *What shape "
     "is blue?* · *How many shapes are there?* · *Is the green triangle left or right of the yellow circle?* · *What "
     "word is written?* · *Which image has more shapes, the first or the second?* They know no other words (a column "
-    "says when a question uses some) and answer anything else with a guess. Under each column: its measured accuracy "
-    "per kind of question on 3000 held-out ones."
+    "says when a question uses some) and answer anything else with a guess. To a left/right question they first name "
+    "the quarter of the width each shape lies in (one to four, from the left), then the answer. Under each column: its "
+    "measured accuracy per kind of question on 3000 held-out ones."
 )
 KIND_NAMES = {"color": "color", "shape": "shape", "count": "count", "position": "left/right", "read": "word",
               "compare": "two images"}  # fmt: skip
