@@ -4,7 +4,7 @@
 # CPU's work, shared out as DataLoader workers). On a CPU each run gets its share of the cores as threads
 # (OMP_NUM_THREADS, at least one each): these small models gain little from a second thread (on 2 cores, two Fuyu runs
 # of one thread each made 1.3 times the steps of one run of two threads, and four made as many as two). Each run saves a
-# Trainer checkpoint every SAVE_STEPS under $OUT/<family>/trainer and the next call resumes it with the same options, so
+# Trainer checkpoint every SAVE_STEPS under its folder's trainer/ and the next call resumes it with the same options, so
 # a CPU retrains over several sittings, TRAIN_SECONDS of training per call. Everything lands in ${OUT:-training/runs}:
 # one checkpoint folder per family, the training and evaluation logs, and comparison/ with the README table once every
 # family asked for has finished. By default this is the shipped models' recipe, in five steps, with two changes made
@@ -83,10 +83,11 @@ else
     workers=$(( ($(nproc) - 1) / side_by_side ))
     threads=${OMP_NUM_THREADS:-$(nproc)}
 fi
-encoders=" $(python -c 'from vlm_patterns.training import pretrain_vision as p, recipes as r
-print(*(f for f in r.recipe_names() if p.encoder_of(f)))') "
-learned_positions=" $(python -c 'from vlm_patterns.training import recipes as r
-print(*(f for f in r.recipe_names() if hasattr(r.recipe(f), "vision_embeddings")))') "
+# The families with a vision encoder, and those whose ViT has learned positions (one Python start for both).
+vision=$(python -c 'from vlm_patterns.training import pretrain_vision as p, recipes as r
+print(*(f for f in r.recipe_names() if p.encoder_of(f)))
+print(*(f for f in r.recipe_names() if hasattr(r.recipe(f), "vision_embeddings")))')
+encoders=" ${vision%%$'\n'*} " learned_positions=" ${vision#*$'\n'} "
 stage=$( [ "$VISION_STEPS" -gt 0 ] && echo "; vision encoders first trained alone for $VISION_STEPS steps \
 ($VISION_PICTURES pictures)${AFTER_VISION[*]:+, then trained on with ${AFTER_VISION[*]}}" || true)
 second=$( [ "$SECOND_STEPS" -gt 0 ] && echo "; then $SECOND_STEPS steps at $SECOND_RATE\
