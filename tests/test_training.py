@@ -403,23 +403,29 @@ def test_the_language_model_size_is_an_option(tmp_path):
         train(TrainOptions(family="fuyu", output=str(tmp_path / "again"), init_from=options.output, text_layers=4))
 
 
+def retrain(tmp_path: Path, *families: str, **changes: str) -> str:
+    """training/retrain.sh for `families`, dry-run sized (2 steps a run, 8 questions), into `tmp_path` unless OUT is
+    among `changes`; only the first two runs unless `changes` asks for more. Returns what it printed."""
+    script = Path(__file__).parents[1] / "training" / "retrain.sh"
+    env = dict(os.environ, OUT=str(tmp_path), STEPS="2", SAVE_STEPS="1", EVAL_EXAMPLES="8", TEXT_WIDTH="64",
+               VISION_STEPS="2", VISION_PICTURES="mixed", AFTER_VISION="--freeze vision", SECOND_STEPS="2",
+               SECOND_VISION="--vision-learning-rate 1e-4", LATER_STEPS="0", POSITION_STEPS="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+    env.update(changes)
+    result = subprocess.run(["bash", str(script), *families], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
 def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
     """training/retrain.sh, dry-run on this machine (the families side by side, the cores shared out as threads):
     trains LLaVA's vision encoder alone first and Fuyu's patches with the task (it has no encoder), then a second run
     from each first one (LLaVA's encoder, frozen in the first, thawed at its own rate), keeps the latest Trainer
     checkpoint, evaluates (the Space's evaluation.json) and writes the comparison; called again it leaves a finished
     family alone, and resumes one whose run was cut short."""
-    script = Path(__file__).parents[1] / "training" / "retrain.sh"
-    env = dict(os.environ, OUT=str(tmp_path), STEPS="2", SAVE_STEPS="1", EVAL_EXAMPLES="8", TEXT_WIDTH="64",
-               VISION_STEPS="2", VISION_PICTURES="mixed", AFTER_VISION="--freeze vision", SECOND_STEPS="2",
-               SECOND_VISION="--vision-learning-rate 1e-4", LATER_STEPS="0",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
 
     def call(*families: str, **changes: str) -> str:
-        result = subprocess.run(["bash", str(script), *families], capture_output=True, text=True,
-                                env=dict(env, **changes), timeout=600)  # fmt: skip
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-        return result.stdout
+        return retrain(tmp_path, *families, **changes)
 
     out = call("fuyu", "llava", POSITIONS="places")
     assert "language model 64 wide x 3 layers, ViT positions that start as places" in out
@@ -470,20 +476,41 @@ def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
     assert log["options"]["steps"] == 2 and "started_from" not in log
     assert (tmp_path / "one" / "comparison" / "comparison.md").exists()
 
-    # Later runs (the shipped recipe's last two, here after one first run): the whole model, each from the one
-    # before on a stream of its own; the first of them resets LLaVA's ViT positions to places (POSITIONS=reset, the
-    # default), and Fuyu, with no ViT, is not given the option.
-    out = call("fuyu", "llava", OUT=str(tmp_path / "later"), VISION_STEPS="0", SECOND_STEPS="0", LATER_STEPS="2",
-               LATER_RUNS="2", POSITIONS="reset")  # fmt: skip
+
+def test_the_retraining_script_later_runs_reset_positions_then_stretch_on_left_and_right(tmp_path):
+    """The shipped recipe's later runs, here after one first run: the whole model, each from the one before on a
+    stream of its own; the first of them resets LLaVA's ViT positions to places (POSITIONS=reset, the default), and
+    Fuyu, with no ViT, is not given the option. Then the stretch on the position question alone, and every kind."""
+    out = retrain(tmp_path / "later", "fuyu", "llava", VISION_STEPS="0", SECOND_STEPS="0", LATER_STEPS="2",
+                  LATER_RUNS="2", POSITIONS="reset", POSITION_STEPS="2", LAST_STEPS="3")  # fmt: skip
     assert "then 2 x 2 steps at 2.5e-4, the whole model, ViT positions reset to places first" in out
+    assert "; then 2 steps on the position question alone and 3 of every kind, at 2.5e-4" in out
     assert "llava: training (the second run)" in out and "fuyu: training (the third run)" in out
+    assert "fuyu: training (the position run)" in out and "llava: training (the last run)" in out
     for family in ("fuyu", "llava"):
-        last = json.loads((tmp_path / "later" / family / "training_log.json").read_text())
-        runs = [last, last["started_from"], last["started_from"]["started_from"]]
-        assert [run["options"]["init_from"] for run in runs] == [f"{family}.second", f"{family}.first", None]
-        assert [run["options"]["seed"] for run in runs] == [4, 3, 0]
-        assert [run["options"]["positions_as_places"] for run in runs] == [False, family == "llava", False]
-        assert runs[0]["options"]["learning_rate"] == runs[1]["options"]["learning_rate"] == 2.5e-4
+        runs = [json.loads((tmp_path / "later" / family / "training_log.json").read_text())]
+        while "started_from" in runs[-1]:
+            runs.append(runs[-1]["started_from"])
+        options = [run["options"] for run in runs]
+        assert [o["init_from"] for o in options] == [f"{family}.{run}" for run in ("position", "third", "second",
+                                                                                     "first")] + [None]  # fmt: skip
+        assert [o["seed"] for o in options] == [6, 5, 4, 3, 0]
+        assert [o["steps"] for o in options] == [3, 2, 2, 2, 2]
+        assert [o["kinds"] for o in options] == [[], ["position"], [], [], []]
+        assert [o["positions_as_places"] for o in options] == [False, False, False, family == "llava", False]
+        assert {o["learning_rate"] for o in options[:4]} == {2.5e-4}
+        assert [o["warmup_steps"] for o in options[:2]] == [100, 100]
+    # The stretch was checked on the position question alone, so the learning curve leaves its points out, and the
+    # plot names the run so.
+    from vlm_patterns.training.evaluate import learning_curve, run_labels
+
+    log = json.loads((tmp_path / "later" / "llava" / "training_log.json").read_text())
+    curve, starts = learning_curve(log)
+    batch = options[0]["batch_size"]
+    assert starts == [2 * batch, 4 * batch, 6 * batch, 8 * batch]
+    assert [p["examples"] for p in curve] == [2 * batch, 4 * batch, 6 * batch, 11 * batch]
+    assert run_labels(log) == {2 * batch: "run 2", 4 * batch: "run 3", 6 * batch: "run 4 (position only)",
+                               8 * batch: "run 5"}  # fmt: skip
 
 
 def test_every_family_of_the_registry_has_a_training_recipe():

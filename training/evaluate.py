@@ -180,12 +180,12 @@ def compare(checkpoints: list[str | Path], output: str | Path, num_examples: int
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     results = [evaluate(path, num_examples, seed) for path in checkpoints]
-    curves, stage_starts = {}, set()
+    curves, run_starts = {}, {}
     for path, result in zip(checkpoints, results, strict=True):
         log = Path(path) / "training_log.json"
         if log.exists():
-            curves[result.family], starts = learning_curve(json.loads(log.read_text()))
-            stage_starts.update(starts)
+            curves[result.family], _ = learning_curve(json.loads(log.read_text()))
+            run_starts.update(run_labels(json.loads(log.read_text())))
     kinds = [k for k in KINDS if any(k in r.accuracy_by_kind for r in results)]
     overall = max(r.margin() for r in results)
     per_kind = max(r.margin(k) for r in results for k in r.accuracy_by_kind)
@@ -211,23 +211,44 @@ def compare(checkpoints: list[str | Path], output: str | Path, num_examples: int
     table = "\n".join(lines)
     (output / "comparison.md").write_text(table + "\n")
     (output / "comparison.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    plot(results, curves, output / "comparison.png", sorted(stage_starts))
+    plot(results, curves, output / "comparison.png", run_starts)
     return table
 
 
 def learning_curve(log: dict) -> tuple[list[dict], list[int]]:
     """The held-out curve of a checkpoint's whole training, from its training_log.json: a fine-tune's points follow
     those of the checkpoint it started from (`started_from`), its examples counted on from there. Also returns the
-    example counts at which each later stage began."""
-    if "started_from" not in log:
-        return log["held_out_curve"], []
-    earlier, starts = learning_curve(log["started_from"])
-    offset = earlier[-1]["examples"] if earlier else 0
-    later = [dict(point, examples=point["examples"] + offset) for point in log["held_out_curve"]]
-    return earlier + later, [*starts, offset]
+    example counts at which each later run began. A run on some question kinds only (`--kinds`) was checked on those
+    alone, so its points are left out; its examples still count."""
+    curve, starts, _, _ = _runs_curve(log)
+    return curve, starts
 
 
-def plot(results: list[Evaluation], curves: dict, path: Path, stage_starts: list[int] = ()) -> None:
+def run_labels(log: dict) -> dict[int, str]:
+    """Where each later run of a checkpoint's training began (examples seen) and its name on the plot: "run 2",
+    "run 3", ..., with the question kinds of a run on some kinds only."""
+    _, starts, _, kinds = _runs_curve(log)
+    return {start: f"run {number}" + (f" ({', '.join(run_kinds)} only)" if run_kinds else "")
+            for number, (start, run_kinds) in enumerate(zip(starts, kinds[1:], strict=True), 2)}  # fmt: skip
+
+
+def _runs_curve(log: dict) -> tuple[list[dict], list[int], int, list[list[str]]]:
+    """learning_curve's points and run starts, the examples seen by the end of the log's last run, and each run's
+    question kinds (empty: every kind)."""
+    earlier, starts, offset, kinds = _runs_curve(log["started_from"]) if "started_from" in log else ([], [], None, [])
+    options, checked = log["options"], log["held_out_curve"]
+    # Examples per step as the run counted them (gradient accumulation included), over all of its steps.
+    per_step = checked[-1]["examples"] / checked[-1]["step"] if checked else options["batch_size"]
+    seen = round(options["steps"] * per_step)
+    kinds = [*kinds, list(options.get("kinds") or [])]
+    points = [] if kinds[-1] else checked
+    if offset is None:
+        return list(points), [], seen, kinds
+    later = [dict(point, examples=point["examples"] + offset) for point in points]
+    return earlier + later, [*starts, offset], offset + seen, kinds
+
+
+def plot(results: list[Evaluation], curves: dict, path: Path, run_starts: dict[int, str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,9 +257,11 @@ def plot(results: list[Evaluation], curves: dict, path: Path, stage_starts: list
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for family, curve in curves.items():
         left.plot([p["examples"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", label=family)
-    for run, start in enumerate(stage_starts, 2):  # each point is measured on the held-out questions of its own run
+    # Each point is measured on the held-out questions of its own run; a run on some kinds only has no points.
+    # Labels alternate between two heights, so that two runs that start close together stay readable.
+    for row, (start, label) in enumerate(sorted((run_starts or {}).items())):
         left.axvline(start, color="grey", linestyle=":")
-        left.annotate(f"run {run}", (start, 0), xycoords=("data", "axes fraction"), xytext=(4, 6),
+        left.annotate(label, (start, 0), xycoords=("data", "axes fraction"), xytext=(4, 6 + 12 * (row % 2)),
                       textcoords="offset points", color="grey")  # fmt: skip
     left.set(xlabel="training examples seen", ylabel="held-out accuracy (%)", title="Learning curves")
     left.grid(alpha=0.3)

@@ -7,7 +7,7 @@
 # Trainer checkpoint every SAVE_STEPS under its folder's trainer/ and the next call resumes it with the same options, so
 # a CPU retrains over several sittings, TRAIN_SECONDS of training per call. Everything lands in ${OUT:-training/runs}:
 # one checkpoint folder per family, the training and evaluation logs, and comparison/ with the README table once every
-# family asked for has finished. By default this is the shipped models' recipe, in five steps, with two changes made
+# family asked for has finished. By default this is the shipped models' recipe, in seven steps, with two changes made
 # after its first steps had run (position replies from the first run on, where the shipped models' first two runs
 # answered with the word alone; the stage also names each token's place). With VISION_STEPS (2000; 0: no stage), a
 # family with a vision encoder first trains it alone for that many steps (`vlm-patterns pretrain-vision`, into
@@ -23,15 +23,20 @@
 # replaces them with 2D sin-cos of each patch's place at the first later run, after the encoder has learned shapes with
 # small ones (measured: Flamingo then answers the position question; a reset from scratch slows the stage's naming of
 # shapes); places starts a new model's positions so (--positions-as-places from scratch); small keeps the usual small
-# random start throughout. Each run lands in $OUT/<family>.<first, second, ...>, the last in $OUT/<family>. Fuyu gets
-# the same steps and rates.
-#   bash training/retrain.sh                            # the shipped recipe: stage, 6000 frozen, 1500 thawed, 2 x 5000
+# random start throughout. With POSITION_STEPS (1000; 0: none), a run on the left/right question alone (--kinds
+# position) follows, then LAST_STEPS (3000) of every kind, both at LATER_RATE after 100 warm-up steps, each on a stream
+# of its own: in the mixed stream left/right is one question in six, and LLaVA's answers to it stayed near chance over
+# 10000 steps; a stretch of it alone moved them, and the mixed run after it kept the other kinds (measured). Each run
+# lands in $OUT/<family>.<first, second, ...> (the stretch in $OUT/<family>.position), the last in $OUT/<family>. Fuyu
+# gets the same steps and rates.
+#   bash training/retrain.sh                            # the shipped recipe: stage, 6000 frozen, 1500 thawed, 2 x 5000,
+#                                                       #   1000 on left/right alone, 3000
 #   TRAIN_SECONDS=3600 bash training/retrain.sh         # a CPU: an hour now, more later
 #   STEPS=20000 TEXT_WIDTH=256 TEXT_LAYERS=4 bash training/retrain.sh   # a larger language model, longer
 #   VISION_STEPS=0 SECOND_STEPS=0 LATER_STEPS=0 bash training/retrain.sh   # one run of the whole model, no stage
 #   POSITIONS=small OUT=training/runs/small bash training/retrain.sh       # ViT positions never reset
 #   LATER_RUNS=1 bash training/retrain.sh                                  # 5000 steps fewer (the README measures it)
-#   STEPS=4 SAVE_STEPS=2 VISION_STEPS=2 SECOND_STEPS=2 LATER_STEPS=2 EVAL_EXAMPLES=8 \
+#   STEPS=4 SAVE_STEPS=2 VISION_STEPS=2 SECOND_STEPS=2 LATER_STEPS=2 POSITION_STEPS=2 LAST_STEPS=2 EVAL_EXAMPLES=8 \
 #       bash training/retrain.sh fuyu llava                                # a dry run
 # TRAIN_SECONDS bounds the call's training (420 s by default on a GPU, no bound on a CPU); a run stopped by it keeps its
 # latest checkpoint. Promote a result by copying its folders over training/checkpoints/ and running `python -m
@@ -60,6 +65,8 @@ read -r -a SECOND_VISION <<< "${SECOND_VISION---vision-learning-rate 1e-4}"
 LATER_STEPS=${LATER_STEPS:-5000}
 LATER_RUNS=${LATER_RUNS:-2}
 LATER_RATE=${LATER_RATE:-2.5e-4}
+POSITION_STEPS=${POSITION_STEPS:-1000}
+LAST_STEPS=${LAST_STEPS:-3000}
 ORDINALS=(first second third fourth fifth sixth)
 if [ "$LATER_STEPS" -gt 0 ] && ! [[ $LATER_RUNS =~ ^[1-4]$ ]]; then
     echo "LATER_RUNS must be 1 to 4, not $LATER_RUNS" >&2; exit 2
@@ -95,8 +102,10 @@ ${SECOND_VISION[*]:+ (${SECOND_VISION[*]} after the stage)}" || true)
 places=$( [ "$POSITIONS" = places ] && echo ", ViT positions that start as places" || true)
 later=$( [ "$LATER_STEPS" -gt 0 ] && echo "; then $LATER_RUNS x $LATER_STEPS steps at $LATER_RATE, the whole model\
 $( [ "$POSITIONS" = reset ] && echo ", ViT positions reset to places first" )" || true)
+position=$( [ "$POSITION_STEPS" -gt 0 ] && echo "; then $POSITION_STEPS steps on the position question alone and \
+$LAST_STEPS of every kind, at $LATER_RATE" || true)
 echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers\
-$places$stage$second$later"
+$places$stage$second$later$position"
 if [ "$device" = cpu ] && [ "$untrained" -gt 0 ]; then
     echo "$untrained to train side by side, $threads thread(s) each"
 fi
@@ -117,6 +126,7 @@ train() {  # family, deadline (0: no bound)
     fi
     [ "$SECOND_STEPS" -gt 0 ] && runs+=(second)
     [ "$LATER_STEPS" -gt 0 ] && runs+=("${ORDINALS[@]:${#runs[@]}:$LATER_RUNS}")
+    [ "$POSITION_STEPS" -gt 0 ] && runs+=(position last)
     for k in "${!runs[@]}"; do
         output=$OUT/$family.${runs[$k]}
         [ "$k" -eq $(( ${#runs[@]} - 1 )) ] && output=$OUT/$family  # the last run lands in the family's folder
@@ -125,6 +135,12 @@ train() {  # family, deadline (0: no bound)
         elif [ "$k" -eq 1 ] && [ "$SECOND_STEPS" -gt 0 ]; then
             options=(--from "$from" --steps "$SECOND_STEPS" --learning-rate "$SECOND_RATE" --warmup-steps 50 \
                 "${second[@]}")
+        elif [ "${runs[$k]}" = position ]; then  # the left/right question alone, for a while (see the header)
+            options=(--from "$from" --steps "$POSITION_STEPS" --learning-rate "$LATER_RATE" --warmup-steps 100 \
+                --seed $(( 3 + later )) --kinds position --eval-every 250)
+        elif [ "${runs[$k]}" = last ]; then  # every kind again, on a stream of its own
+            options=(--from "$from" --steps "$LAST_STEPS" --learning-rate "$LATER_RATE" --warmup-steps 100 \
+                --seed $(( 4 + later )))
         else  # a later run: the whole model, a stream of its own (seeds 3, 4, ...: the first two runs drew seed 0's)
             later=$(( later + 1 ))
             options=(--from "$from" --steps "$LATER_STEPS" --learning-rate "$LATER_RATE" --seed $(( 2 + later )))
@@ -139,7 +155,7 @@ train() {  # family, deadline (0: no bound)
 run() {  # family, output folder, deadline (0: no bound), what, train options...
     local family=$1 output=$2 deadline=$3 what=" ($4)" resume=() bound=0
     shift 4
-    [ "$SECOND_STEPS" -gt 0 ] || [ "$LATER_STEPS" -gt 0 ] || what=""  # one run: nothing to tell apart
+    [ "$SECOND_STEPS" -gt 0 ] || [ "$LATER_STEPS" -gt 0 ] || [ "$POSITION_STEPS" -gt 0 ] || what=""  # one run: nothing to tell apart
     if [ "$deadline" -gt 0 ]; then
         bound=$(( deadline - $(date +%s) ))
         [ "$bound" -gt 0 ] || return 124
