@@ -149,3 +149,21 @@ def test_the_page_says_what_the_models_were_trained_for():
         line = app.measured_accuracy(family)
         assert "held-out accuracy: color" in line and "two images" in line or family == "fuyu", line
     assert all(e["answer"] for e in app.EXAMPLES)  # each example shows its expected answer
+
+
+def test_the_drawn_questions_ask_in_the_task_words_and_every_column_answers(models, tmp_path):
+    """spaces/ask_drawn.py, the README's anecdote of pictures drawn as a visitor draws them: its questions use only
+    the embedded models' words, each expects one of the task's answers, and each column answers every one."""
+    from vlm_patterns.spaces import ask_drawn
+    from vlm_patterns.training.synthetic_vqa import ANSWERS, answer_word
+
+    _, processor = models.get("llava")
+    answers = {word for words in ANSWERS.values() for word in words}
+    for picture, question, expected in ask_drawn.QUESTIONS:
+        assert picture in ask_drawn.PICTURES and expected in answers
+        assert app.unknown_words(question, processor.tokenizer) == []
+    replies = ask_drawn.ask(tmp_path, models)
+    assert len(replies) == len(ask_drawn.QUESTIONS) and len(list(tmp_path.glob("*.png"))) == len(ask_drawn.PICTURES)
+    for by_family in replies:
+        assert set(by_family) == set(app.FAMILIES)
+        assert all(answer_word(reply) in answers for reply in by_family.values()), by_family
