@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from vlm_patterns.training.synthetic_vqa import (
     as_dataset,
     examples,
     make_example,
+    reply_places,
     vocabulary,
 )
 from vlm_patterns.training.train import TrainOptions, apply_freezing, train
@@ -97,10 +99,22 @@ def test_a_position_reply_names_each_shapes_place_then_the_answer():
         assert example.reply == (f"{first['color']} {first['shape']} {places[0]}, "
                                  f"{second['color']} {second['shape']} {places[1]}: {example.answer}")  # fmt: skip
         assert answer_word(example.reply) == example.answer
+        assert reply_places(example.reply) == tuple(places)
     assert all(e.reply == e.answer for e in examples("train", 60, kinds=("color", "count", "read", "compare")))
     # What a model says is scored by the word after its last colon, or its first word.
     assert answer_word("red circle one, blue square three: Left.") == "left"
     assert answer_word("four four") == "four" and answer_word("") == "" and answer_word("red circle one:") == ""
+    # The evaluation reads the places a reply named, to tell a wrong place from a wrong answer.
+    assert reply_places("red circle one, blue square three: left") == ("one", "three")
+    assert reply_places("left") == () and reply_places("red circle: left") == ("circle",)
+    from vlm_patterns.training.evaluate import count_places
+
+    counts = defaultdict(int)
+    count_places(counts, ("one", "three"), ("one", "three"), "left")  # all right
+    count_places(counts, ("three", "one"), ("one", "three"), "right")  # places wrong, the answer follows them
+    count_places(counts, ("two", "four"), ("two", "four"), "right")  # places right, the answer against them
+    count_places(counts, ("two", "two"), ("two", "three"), "left")  # one place: nothing to follow
+    assert dict(counts) == dict(right=2, swapped=1, apart=3, followed=2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -170,6 +184,8 @@ def test_a_short_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
     result = evaluate(tmp_path / "llava", num_examples=32, seed=5, latency_samples=2)
     assert result.examples == 32 and result.visual_tokens_per_image == 64
     assert sum(result.questions_by_kind.values()) == 32 and set(result.questions_by_kind) == set(KINDS)
+    assert set(result.position_replies) == {"places_right", "places_swapped", "answer_follows_places"}
+    assert all(0 <= share <= 1 for share in result.position_replies.values())
     for kind, by_count in result.accuracy_by_shapes.items():  # the kind's accuracy is a mean of its groups'
         assert kind in ("color", "shape") and set(by_count) <= {"1", "2", "3"}
         assert min(by_count.values()) <= result.accuracy_by_kind[kind] <= max(by_count.values())

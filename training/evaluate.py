@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .collate import VQACollator
-from .synthetic_vqa import KINDS, SINGLE_IMAGE_KINDS, answer_word, examples, kinds_for
+from .synthetic_vqa import KINDS, PLACES, SINGLE_IMAGE_KINDS, answer_word, examples, kinds_for, reply_places
 
 # Enough new tokens for the longest reply (a position reply: two shapes with their places, then the answer) and the
 # family's end token.
@@ -39,6 +39,12 @@ class Evaluation:
     # Colour and shape questions by the number of shapes in the picture ("1", "2", "3"): with one shape, naming its
     # shape is recognition alone; with more, the question must also single out the shape it names.
     accuracy_by_shapes: dict[str, dict[str, float]] = field(default_factory=dict)
+    # What the position replies got right before their answer: `places_right`, the share naming both shapes' quarters
+    # right; `places_swapped`, the share naming the two quarters that hold the shapes, each for the other shape (the
+    # places found, not which shape is where); `answer_follows_places`, of the replies naming two different quarters,
+    # the share whose answer is the one those quarters give (right or wrong). Together they say what fails: the
+    # answer, the finding of places, or telling the two shapes apart.
+    position_replies: dict[str, float] = field(default_factory=dict)
 
     def margin(self, kind: str | None = None) -> float:
         """Two binomial standard errors of an accuracy (overall, or of one kind): another held-out draw of the
@@ -77,7 +83,15 @@ class Evaluation:
             + ", ".join(f"{count}: {100 * value:.0f}%" for count, value in by_count.items())
             for kind, by_count in self.accuracy_by_shapes.items()
         )
-        return f"{summary}\n\n{head}{acc} | {100 * self.accuracy:.1f}% |\n{chance} | |\n{by_shapes}"
+        replies = self.position_replies
+        places = (
+            f"\n- position replies: both quarters named right {100 * replies['places_right']:.0f}%, swapped "
+            f"{100 * replies['places_swapped']:.0f}%; answers that follow the reply's own quarters "
+            f"{100 * replies['answer_follows_places']:.0f}%"
+            if replies
+            else ""
+        )
+        return f"{summary}\n\n{head}{acc} | {100 * self.accuracy:.1f}% |\n{chance} | |\n{by_shapes}{places}"
 
 
 def load_checkpoint(path: str | Path):
@@ -101,10 +115,15 @@ def collate_prompts(processor, batch: list[dict]) -> dict[str, torch.Tensor]:
 def answer_inputs(model, processor, inputs: dict[str, torch.Tensor], max_new_tokens: int = REPLY_TOKENS) -> list[str]:
     """Greedy answers (their answer word) to already collated prompts; generation stops once every reply has
     ended."""
+    return [answer_word(reply) for reply in reply_inputs(model, processor, inputs, max_new_tokens)]
+
+
+@torch.inference_mode()
+def reply_inputs(model, processor, inputs: dict[str, torch.Tensor], max_new_tokens: int = REPLY_TOKENS) -> list[str]:
+    """Greedy replies, whole (a position reply's places too), to already collated prompts."""
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1] :]
-    return [answer_word(t) for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def visual_tokens(processor, batch: list[dict]) -> list[int]:
@@ -132,12 +151,15 @@ def evaluate(
     data = sorted(drawn, key=lambda e: KINDS.index(e["kind"]))
     right, total = defaultdict(int), defaultdict(int)
     right_by_shapes, total_by_shapes = defaultdict(int), defaultdict(int)
-    errors, tokens = [], []
+    errors, tokens, places = [], [], defaultdict(int)
     for start in range(0, len(data), batch_size):
         batch = data[start : start + batch_size]
         inputs = collate_prompts(processor, batch)
-        for example, predicted in zip(batch, answer_inputs(model, processor, inputs), strict=True):
+        for example, reply in zip(batch, reply_inputs(model, processor, inputs), strict=True):
+            predicted = answer_word(reply)
             total[example["kind"]] += 1
+            if example["kind"] == "position":
+                count_places(places, reply_places(reply), reply_places(example["reply"]), predicted)
             right[example["kind"]] += predicted == example["answer"]
             if example["kind"] in ("color", "shape"):
                 group = (example["kind"], str(len(example["meta"]["scenes"][0]["objects"])))
@@ -155,6 +177,11 @@ def evaluate(
     from .synthetic_vqa import ANSWERS
 
     kinds = [k for k in kinds_for(multi_image, kinds) if total[k]]
+    position_replies = {}
+    if total["position"]:
+        position_replies = dict(places_right=places["right"] / total["position"],
+                                places_swapped=places["swapped"] / total["position"],
+                                answer_follows_places=places["followed"] / max(1, places["apart"]))  # fmt: skip
     by_shapes = defaultdict(dict)
     for (kind, count), questions in sorted(total_by_shapes.items()):
         by_shapes[kind][count] = right_by_shapes[kind, count] / questions
@@ -171,7 +198,19 @@ def evaluate(
         errors=errors,
         questions_by_kind={k: total[k] for k in kinds},
         accuracy_by_shapes=dict(by_shapes),
+        position_replies=position_replies,
     )
+
+
+def count_places(counts: dict[str, int], said: tuple[str, ...], true: tuple[str, ...], answer: str) -> None:
+    """Count a position reply in `counts`: "right" if it named both quarters right; "swapped" if it named the
+    shapes' two different quarters the wrong way round; "apart" if it named two different quarters, and "followed" if
+    its answer is then the one they give."""
+    counts["right"] += said == true
+    counts["swapped"] += len(true) == 2 and true[0] != true[1] and said == true[::-1]
+    if len(said) == 2 and all(place in PLACES for place in said) and said[0] != said[1]:
+        counts["apart"] += 1
+        counts["followed"] += answer == ("left" if PLACES.index(said[0]) < PLACES.index(said[1]) else "right")
 
 
 def compare(checkpoints: list[str | Path], output: str | Path, num_examples: int = 3000, seed: int = 1) -> str:

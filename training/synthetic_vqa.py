@@ -230,6 +230,15 @@ def position_reply(first: dict, second: dict, width: int, answer: str) -> str:
             f"{answer}")  # fmt: skip
 
 
+def reply_places(reply: str) -> tuple[str, ...]:
+    """The places a position reply names before its colon ("red circle one, blue square three: left" -> ("one",
+    "three")); () for a reply without them."""
+    named, colon, _ = reply.rpartition(":")
+    if not colon:
+        return ()
+    return tuple(part.split()[-1] for part in named.split(",") if part.split())
+
+
 def answer_word(reply: str) -> str:
     """The answer in what a model said: the first word after the last colon, or the first word when there is none
     (every reply but position's is the answer alone)."""
