@@ -493,6 +493,20 @@ def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
     assert (tmp_path / "one" / "comparison" / "comparison.md").exists()
 
 
+@pytest.mark.parametrize(("changes", "message"), [
+    (dict(LATER_STEPS="2", LATER_RUNS="5"), "LATER_RUNS must be 1 to 4, not 5"),
+    (dict(POSITION_STEPS="2", LAST_STEPS="0"), "LAST_STEPS must be above 0 with POSITION_STEPS"),
+    (dict(POSITIONS="random"), "POSITIONS must be reset, places or small, not random"),
+])  # fmt: skip
+def test_the_retraining_script_refuses_settings_it_cannot_run(changes, message, tmp_path):
+    """Refused before anything is trained, with what to change."""
+    script = Path(__file__).parents[1] / "training" / "retrain.sh"
+    result = subprocess.run(["bash", str(script), "fuyu"], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, OUT=str(tmp_path / "out"), **changes))  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_retraining_script_later_runs_reset_positions_then_stretch_on_left_and_right(tmp_path):
     """The shipped recipe's later runs, here after one first run: the whole model, each from the one before on a
     stream of its own; the first of them resets LLaVA's ViT positions to places (POSITIONS=reset, the default), and

@@ -71,6 +71,9 @@ ORDINALS=(first second third fourth fifth sixth)
 if [ "$LATER_STEPS" -gt 0 ] && ! [[ $LATER_RUNS =~ ^[1-4]$ ]]; then
     echo "LATER_RUNS must be 1 to 4, not $LATER_RUNS" >&2; exit 2
 fi
+if [ "$POSITION_STEPS" -gt 0 ] && [ "$LAST_STEPS" -le 0 ]; then  # trained on left/right alone, a model forgets the rest
+    echo "LAST_STEPS must be above 0 with POSITION_STEPS: a run of every kind follows the stretch" >&2; exit 2
+fi
 EVAL_EXAMPLES=${EVAL_EXAMPLES:-3000}
 mkdir -p "$OUT"
 FAMILIES=("$@")
