@@ -84,18 +84,25 @@ class FlamingoPatternModel(PatternModel, FlamingoPatternPreTrainedModel):
         B, num_images = pixel_values.shape[:2]
         images = pixel_values.flatten(0, 1)  # (B*I, 3, S, S)
         real = None
+        # Eager, padding images are not encoded at all. Compiled, every slot is encoded and padding's tokens are
+        # zeroed below: picking the real ones out has a shape that depends on the mask's values, which would break
+        # the compiled prompt pass in two around the encoder.
+        pick_real = not torch.compiler.is_compiling()
         if image_mask is not None:
             real = image_mask.reshape(-1).to(images.device, torch.bool)
-            images = images[real]
+            if pick_real:
+                images = images[real]
         (features,) = self.vision_model(images, [-1])  # (R, 1 + P, Dv), before post_layernorm
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]  # drop the class token
         if self.perceiver_resampler is not None:
             features = self.perceiver_resampler(features)  # (R, N, Dv)
-        if real is not None:
+        if real is not None and pick_real:
             padded = features.new_zeros(B * num_images, *features.shape[1:])
             padded[real] = features
             features = padded
+        elif real is not None:
+            features = features * real[:, None, None].to(features.dtype)
         return features.view(B, num_images, *features.shape[1:])
 
     def forward(

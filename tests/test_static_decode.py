@@ -161,6 +161,29 @@ def test_the_compiled_prompt_pass_gives_the_same_tokens(request, family):
 
 
 @pytest.mark.timeout(600)
+def test_flamingos_compiled_prompt_pass_zeroes_a_padding_image_as_the_eager_one_leaves_it_out(request):
+    """Rows with two images and one: the second row's empty image slot is padding (`image_mask` False). Eager, it is
+    not encoded; compiled, every slot is encoded and padding's visual tokens zeroed (no shape that depends on the
+    mask's values, so no graph break around the encoder). Both give the same tokens."""
+    model, processor = converted(request, "flamingo")
+    prompts = [
+        processor.apply_chat_template([{"role": "user", "content": [*[{"type": "image"}] * count,
+                                                                    {"type": "text", "text": "What is it?"}]}],
+                                      add_generation_prompt=True)
+        for count in (2, 1)
+    ]  # fmt: skip
+    images = [[photo_like_image(64, 48, seed=5), photo_like_image(48, 64, seed=6)], [photo_like_image(64, 48, seed=7)]]
+    batch = {k: v for k, v in dict(processor(images=images, text=prompts, padding_side="left")).items()
+             if k not in NOT_MODEL_INPUTS}  # fmt: skip
+    assert batch["image_mask"].tolist() == [[True, True], [True, False]]
+    options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.inference_mode():
+        expected = model.generate(**batch, **options)
+        ours = model.generate(**batch, **options, static_decode=True, compile_prompt=True)
+    assert torch.equal(expected, ours), (expected.tolist(), ours.tolist())
+
+
+@pytest.mark.timeout(600)
 def test_compiled_steps_of_two_models_are_kept_apart(shipped):
     """Two models whose decoders have buffers of the same shapes (Qwen2-VL's projections have biases, Fuyu's do
     not): each runs its own compiled step, never the other's."""
