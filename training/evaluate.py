@@ -223,8 +223,9 @@ def compare(checkpoints: list[str | Path], output: str | Path, num_examples: int
     for path, result in zip(checkpoints, results, strict=True):
         log = Path(path) / "training_log.json"
         if log.exists():
-            curves[result.family], _ = learning_curve(json.loads(log.read_text()))
-            run_starts.update(run_labels(json.loads(log.read_text())))
+            record = json.loads(log.read_text())
+            curves[result.family], _ = learning_curve(record)
+            run_starts.update(run_labels(record))
     kinds = [k for k in KINDS if any(k in r.accuracy_by_kind for r in results)]
     overall = max(r.margin() for r in results)
     per_kind = max(r.margin(k) for r in results for k in r.accuracy_by_kind)
