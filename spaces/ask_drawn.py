@@ -18,46 +18,31 @@ import PIL.Image
 import PIL.ImageDraw
 
 from vlm_patterns.spaces import app
-from vlm_patterns.training.synthetic_vqa import answer_word
+from vlm_patterns.training.synthetic_vqa import answer_word, draw_shape
 
-RED, GREEN, BLUE, YELLOW = (220, 40, 40), (40, 170, 60), (50, 80, 220), (235, 200, 30)
-PEN = 7  # a pen stroke's width in pixels, about what a mouse or finger leaves on the page's canvas
-
-
-def circle(draw: PIL.ImageDraw.ImageDraw, centre: tuple[int, int], radius: int, color, filled: bool) -> None:
-    box = (centre[0] - radius, centre[1] - radius, centre[0] + radius, centre[1] + radius)
-    draw.ellipse(box, fill=color if filled else None, outline=color, width=PEN)
+PEN = 7  # an outline's width in pixels, about what a mouse or finger leaves on the page's canvas
 
 
-def square(draw: PIL.ImageDraw.ImageDraw, centre: tuple[int, int], half: int, color, filled: bool) -> None:
-    box = (centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half)
-    draw.rectangle(box, fill=color if filled else None, outline=color, width=PEN)
-
-
-def triangle(draw: PIL.ImageDraw.ImageDraw, centre: tuple[int, int], half: int, color, filled: bool) -> None:
-    x, y = centre
-    corners = [(x, y - half), (x + half, y + half), (x - half, y + half)]
-    draw.polygon(corners, fill=color if filled else None, outline=color, width=PEN)
-
-
-def canvas(*shapes) -> PIL.Image.Image:
-    """A white 480 x 320 canvas with `shapes`: (draw function, centre, size, colour, filled) each."""
+def canvas(*shapes: tuple[str, str, tuple[int, int], int, bool]) -> PIL.Image.Image:
+    """A white 480 x 320 canvas with `shapes`, each (shape, colour, centre, size, filled), drawn as the task draws
+    them (outlines PEN wide)."""
     image = PIL.Image.new("RGB", (480, 320), "white")
     draw = PIL.ImageDraw.Draw(image)
-    for shape, centre, size, color, filled in shapes:
-        shape(draw, centre, size, color, filled)
+    for shape, color, (x, y), size, filled in shapes:
+        draw_shape(draw, shape, color, x - size // 2, y - size // 2, size, pen=0 if filled else PEN)
     return image
 
 
 PICTURES = {
-    "pen circle, filled square": canvas((circle, (130, 160), 60, RED, False), (square, (350, 160), 55, BLUE, True)),
-    "one large triangle": canvas((triangle, (240, 160), 120, GREEN, True)),
-    "outlined square": canvas((square, (240, 160), 90, YELLOW, False)),
-    "four circles in a row": canvas(
-        *((circle, (75 + 110 * i, 160), 40, c, True) for i, c in enumerate((RED, BLUE, GREEN, YELLOW)))
-    ),
-    "circle beside a triangle": canvas((triangle, (140, 170), 75, BLUE, True), (circle, (340, 160), 65, RED, True)),
-}
+    "pen circle, filled square": canvas(("circle", "red", (130, 160), 120, False),
+                                        ("square", "blue", (350, 160), 110, True)),
+    "one large triangle": canvas(("triangle", "green", (240, 160), 240, True)),
+    "outlined square": canvas(("square", "yellow", (240, 160), 180, False)),
+    "four circles in a row": canvas(*(("circle", color, (75 + 110 * i, 160), 80, True)
+                                      for i, color in enumerate(("red", "blue", "green", "yellow")))),
+    "circle beside a triangle": canvas(("triangle", "blue", (140, 170), 150, True),
+                                       ("circle", "red", (340, 160), 130, True)),
+}  # fmt: skip
 QUESTIONS = [  # (picture, question, the expected answer)
     ("pen circle, filled square", "What color is the circle?", "red"),
     ("pen circle, filled square", "Is the red circle left or right of the blue square?", "left"),

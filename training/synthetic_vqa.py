@@ -117,7 +117,7 @@ def _place(rng: np.random.Generator, width: int, height: int, size: int, taken: 
     return None
 
 
-def _draw(draw: PIL.ImageDraw.ImageDraw, shape: str, color: str, x: int, y: int, size: int, pen: int = 0) -> None:
+def draw_shape(draw: PIL.ImageDraw.ImageDraw, shape: str, color: str, x: int, y: int, size: int, pen: int = 0) -> None:
     """A filled shape, or with `pen` > 0 its outline drawn that many pixels wide."""
     box = [x, y, x + size, y + size]
     style = dict(outline=COLORS[color], width=pen) if pen else dict(fill=COLORS[color])
@@ -148,7 +148,7 @@ def draw_scene(rng: np.random.Generator, count: int, distinct: bool = True) -> t
                 break
             color, shape = PAIRS[int(index)]
             pen = _pen(rng, size)
-            _draw(draw, shape, color, *spot, size, pen=pen)
+            draw_shape(draw, shape, color, *spot, size, pen=pen)
             taken.append((*spot, size))
             objects.append(dict(color=color, shape=shape, x=spot[0] + size / 2, y=spot[1] + size / 2, size=size,
                                 pen=pen))  # fmt: skip
@@ -252,7 +252,7 @@ def _redraw_single(rng: np.random.Generator, target: dict) -> tuple[PIL.Image.Im
     (size,) = _sizes(rng, image, 1)
     x, y = _place(rng, image.width, image.height, size, [])
     pen = _pen(rng, size)
-    _draw(PIL.ImageDraw.Draw(image), target["shape"], target["color"], x, y, size, pen=pen)
+    draw_shape(PIL.ImageDraw.Draw(image), target["shape"], target["color"], x, y, size, pen=pen)
     alone = dict(target, x=x + size / 2, y=y + size / 2, size=size, pen=pen)
     return image, dict(background=background, objects=[alone])
 
