@@ -304,6 +304,7 @@ def plot(results: list[Evaluation], curves: dict, path: Path, run_starts: dict[i
         left.annotate(label, (start, 0), xycoords=("data", "axes fraction"), xytext=(4, 6 + 12 * (row % 2)),
                       textcoords="offset points", color="grey")  # fmt: skip
     left.set(xlabel="training examples seen", ylabel="held-out accuracy (%)", title="Learning curves")
+    left.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))  # 200k, not 200000 run into its neighbours
     left.grid(alpha=0.3)
     if curves:
         left.legend()
