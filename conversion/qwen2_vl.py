@@ -97,6 +97,11 @@ def config_to_hub(config: Qwen2VLPatternConfig):
     from transformers import Qwen2VLConfig
 
     vision = config.vision_config
+    if vision.num_position_embeddings:
+        raise ValueError(
+            f"This Qwen2-VL has learned vision positions (num_position_embeddings={vision.num_position_embeddings}, "
+            "as Qwen3-VL adds them); Qwen2-VL's Hub layout has no place for them, so it cannot be exported"
+        )
     hf = Qwen2VLConfig(
         text_config=transformers_text_config(config.text_config, "qwen2_vl_text", config.tie_word_embeddings).to_dict(),
         vision_config=dict(

@@ -1,9 +1,12 @@
 """Qwen2-VL's vision tower: a ViT that reads images at their own resolution.
 
-No fixed grid and no learned position table: each patch gets a 2D rotary position (its row and column),
+No fixed grid and, in Qwen2-VL, no learned position table: each patch gets a 2D rotary position (its row and column),
 images of different sizes are packed into one sequence and attend only within themselves (block-diagonal
 attention, so memory grows with the sum of per-image squares, not the square of the total), and a
-PatchMerger joins every 2x2 window of neighbouring patches into one token for the LLM.
+PatchMerger joins every 2x2 window of neighbouring patches into one token for the LLM. Qwen3-VL, the pattern's next
+step, adds learned absolute positions beside the rotary ones: a square table resampled to each image's grid and added
+to the patch embeddings. `num_position_embeddings` turns that on (`visual.pos_embed`, Qwen3-VL's name); Qwen2-VL's own
+checkpoints have none.
 Parameter names follow `Qwen/Qwen2-VL-*` (`visual.patch_embed.proj`, `visual.blocks.N.attn.qkv`, `visual.merger`).
 
 Axes: I images (or videos), N patches of all images packed, D vision width, H heads, d head dim,
@@ -11,6 +14,8 @@ t/h/w the patch grid of one image, m the merge size.
 """
 
 import itertools
+import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +38,23 @@ def vision_position_ids(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor
         hw = torch.stack([rows.permute(0, 2, 1, 3).flatten(), cols.permute(0, 2, 1, 3).flatten()], dim=-1)
         positions.append(hw.repeat(t, 1))
     return torch.cat(positions).to(grid_thw.device)
+
+
+def resampling_taps(grid_thw: torch.Tensor, merge_size: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each patch reads a side x side table resampled to its image's grid, bilinearly with the corners aligned
+    (each image's first and last rows and columns land on the table's, as Qwen3-VL resamples its positions):
+    (N, 4) indices into the flattened table and (N, 4) weights, in the processor's patch order."""
+    places = vision_position_ids(grid_thw, merge_size).float()  # (N, 2) row, column
+    sizes = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grid_thw.tolist()])
+    source = places * (side - 1) / (sizes.to(places) - 1).clamp(min=1)  # each patch's place on the table
+    low = source.floor()
+    (row_weight, column_weight), (row, column) = (source - low).unbind(-1), low.long().unbind(-1)
+    row_below, column_right = (row + 1).clamp(max=side - 1), (column + 1).clamp(max=side - 1)
+    indices = torch.stack([row * side + column, row * side + column_right,
+                           row_below * side + column, row_below * side + column_right], dim=-1)  # fmt: skip
+    weights = torch.stack([(1 - row_weight) * (1 - column_weight), (1 - row_weight) * column_weight,
+                           row_weight * (1 - column_weight), row_weight * column_weight], dim=-1)  # fmt: skip
+    return indices, weights
 
 
 class VisionRotaryEmbedding2D(nn.Module):
@@ -172,30 +194,59 @@ class VisionBlock(GradientCheckpointingLayer):
         return x + self.mlp(self.norm2(x))
 
 
+class VisionLayout(NamedTuple):
+    """What the grids say, read on the host once per call: each image's patch count (attention stays within it),
+    the patches' 2D rotary tables, and where they read the learned positions (None without them)."""
+
+    lengths: list[int]
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    position_taps: tuple[torch.Tensor, torch.Tensor] | None
+
+
 class Qwen2VLVisionTower(nn.Module):
     def __init__(self, config: Qwen2VLVisionTowerConfig):
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(config)
+        self.pos_embed = None
+        if config.num_position_embeddings:
+            self.add_learned_positions(config.num_position_embeddings)
         self.rotary_pos_emb = VisionRotaryEmbedding2D(config)
         self.blocks = nn.ModuleList([VisionBlock(config) for _ in range(config.depth)])
         self.merger = PatchMerger(config)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, layout: tuple | None = None) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, layout: VisionLayout | None = None
+    ) -> torch.Tensor:
         """pixel_values (N, C*T*P*P) in the processor's patch order, grid_thw (I, 3) -> (N / m^2, D_text).
         `layout`: what `layout` returns for them, when the caller has it already."""
-        lengths, rotary = layout if layout is not None else self.layout(pixel_values, grid_thw)
-        hidden_states = self.patch_embed(pixel_values)  # (N, D)
+        layout = layout if layout is not None else self.layout(pixel_values, grid_thw)
+        hidden_states = self.embed(pixel_values, layout)
         for block in self.blocks:
-            hidden_states = block(hidden_states, rotary, lengths)
+            hidden_states = block(hidden_states, layout.rotary, layout.lengths)
         return self.merger(hidden_states)
+
+    def embed(self, pixel_values: torch.Tensor, layout: VisionLayout) -> torch.Tensor:
+        """The patches' embeddings (N, D), with the learned positions added where the tower has them."""
+        hidden_states = self.patch_embed(pixel_values)
+        if self.pos_embed is not None:
+            indices, weights = layout.position_taps
+            positions = (self.pos_embed(indices) * weights[..., None]).sum(1)  # each patch's resampled position
+            hidden_states = hidden_states + positions.to(hidden_states.dtype)
+        return hidden_states
+
+    def add_learned_positions(self, count: int) -> None:
+        """Give the tower Qwen3-VL's learned positions, a sqrt(count) x sqrt(count) table (the config says so too,
+        so a saved checkpoint has them)."""
+        self.config.num_position_embeddings = count
+        self.config.validate_vision_shapes()
+        self.pos_embed = nn.Embedding(count, self.config.embed_dim)
 
     # Read from the grids on the host; torch.compile (the static path's compiled prompt pass) runs it as it is
     # and compiles the blocks around it.
     @torch.compiler.disable
-    def layout(self, pixel_values: torch.Tensor, grid_thw) -> tuple[list[int], tuple[torch.Tensor, torch.Tensor]]:
-        """Checks the grids against the patches -> each image's patch count (attention stays within it) and the
-        patches' 2D rotary tables."""
+    def layout(self, pixel_values: torch.Tensor, grid_thw) -> VisionLayout:
+        """Checks the grids against the patches -> what they say (`VisionLayout`)."""
         config = self.config
         if pixel_values.dim() != 2 or pixel_values.shape[1] != config.patch_dim:
             raise ValueError(
@@ -210,5 +261,9 @@ class Qwen2VLVisionTower(nn.Module):
             raise ValueError(f"every grid height and width must be a multiple of {config.spatial_merge_size}")
         # Each temporal step of an image attends to itself only, as Qwen2-VL's cumulative lengths say.
         lengths = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
-        rotary = self.rotary_pos_emb(vision_position_ids(grid_thw, config.spatial_merge_size).to(pixel_values.device))
-        return lengths, rotary
+        grid_thw = grid_thw.to(pixel_values.device)
+        rotary = self.rotary_pos_emb(vision_position_ids(grid_thw, config.spatial_merge_size))
+        taps = None
+        if self.pos_embed is not None:
+            taps = resampling_taps(grid_thw, config.spatial_merge_size, math.isqrt(config.num_position_embeddings))
+        return VisionLayout(lengths, rotary, taps)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2Config, Qwen2ForCausalLM
 
 from vlm_patterns.conversion.tiny import photo_like_image
@@ -198,3 +199,37 @@ def test_video_frames_fill_temporal_slots_in_order():
     assert out["video_grid_thw"].tolist() == [[2, 4, 4]]
     assert patches[:16, :, 0].eq(10).all() and patches[:16, :, 1].eq(20).all()
     assert patches[16:, :, 0].eq(30).all() and patches[16:, :, 1].eq(40).all()
+
+
+def test_learned_positions_resample_as_qwen3_vl():
+    """`num_position_embeddings` is Qwen3-VL's learned positions: the same table, resampled to grids smaller and
+    larger than its side, of several frames, gives each patch what transformers' Qwen3-VL vision model adds to it."""
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    from vlm_patterns.modeling.configuration_qwen2_vl import Qwen2VLVisionTowerConfig
+    from vlm_patterns.modeling.qwen2_vl_vision import Qwen2VLVisionTower
+
+    shape = dict(depth=1, num_heads=2, out_hidden_size=16, patch_size=14, num_position_embeddings=16)
+    reference = Qwen3VLVisionModel(
+        Qwen3VLVisionConfig(hidden_size=32, intermediate_size=64, deepstack_visual_indexes=[], **shape)
+    ).eval()
+    reference.config._attn_implementation = "sdpa"
+    tower = Qwen2VLVisionTower(Qwen2VLVisionTowerConfig(embed_dim=32, **shape)).eval()
+    with torch.no_grad():
+        tower.pos_embed.weight.copy_(torch.randn(16, 32))
+        reference.pos_embed.weight.copy_(tower.pos_embed.weight)
+        tower.patch_embed.proj.weight.zero_()  # the embeddings are then the positions alone
+    reference.patch_embed.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+    added = []
+    reference.blocks[0].register_forward_pre_hook(lambda module, args: added.append(args[0]))
+    grids = torch.tensor([[1, 4, 6], [2, 2, 2], [1, 10, 4], [1, 4, 4]])  # the last: the table's own size
+    pixels = torch.randn(int(grids.prod(-1).sum()), tower.config.patch_dim)
+    with torch.no_grad():
+        reference(pixels, grid_thw=grids)
+        ours = tower.embed(pixels, tower.layout(pixels, grids))
+    assert torch.allclose(ours, added[0], atol=1e-6)
+    corners = ours[-16:].view(2, 2, 2, 2, 32).permute(0, 2, 1, 3, 4).reshape(16, 32)  # raster order
+    assert torch.allclose(corners, tower.pos_embed.weight)  # a grid the table's size reads it as it is
+    with pytest.raises(StrictDataclassError, match="num_position_embeddings must be 0"):
+        Qwen2VLVisionTowerConfig(num_position_embeddings=12)

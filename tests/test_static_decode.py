@@ -207,6 +207,23 @@ def test_shipped_checkpoints_answer_the_same_through_both_paths(shipped, family)
         same_tokens(model, model_inputs(processor, example.images[:1], example.question), max_new_tokens=8)
 
 
+@pytest.mark.timeout(600)
+def test_qwen2_vls_learned_positions_are_read_alike_by_the_compiled_prompt_pass(shipped):
+    """The shipped Qwen2-VL adds Qwen3-VL's learned positions to its patches (the converted ones have none): the
+    compiled prompt pass, with the positions' taps read on the host, gives the eager tokens."""
+    from vlm_patterns.training.synthetic_vqa import held_out_seed, make_example
+
+    model, processor = shipped["qwen2_vl"]
+    assert model.model.visual.pos_embed is not None
+    example = make_example(held_out_seed(0), kinds=("position",))
+    inputs = model_inputs(processor, example.images[:1], example.question)
+    options = dict(max_new_tokens=8, do_sample=False)
+    with torch.inference_mode():
+        expected = model.generate(**inputs, **options)
+        ours = model.generate(**inputs, **options, static_decode=True, compile_prompt=True)
+    assert torch.equal(expected, ours), (expected.tolist(), ours.tolist())
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "fuyu", "flamingo"])
 def test_the_prompt_pass_runs_the_last_layer_for_the_last_token_only(shipped, family):
     """With one position's logits kept (generation's prompt pass), the last layer's MLP runs on one position per

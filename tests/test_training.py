@@ -693,15 +693,56 @@ def test_positions_as_places_is_an_option_of_both_stages():
         assert read(parser.parse_args([command, "llava", "--output", "x", "--positions-as-places"])).positions_as_places
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "fuyu"])
-def test_families_without_learned_vit_positions_start_as_before(family):
+def test_fuyu_has_no_learned_positions_to_start():
     from vlm_patterns.training.train import build_model_and_processor
 
-    assert not hasattr(recipe(family), "vision_embeddings")
-    placed, _ = build_model_and_processor(TrainOptions(family=family, output="", positions_as_places=True))
-    small, _ = build_model_and_processor(TrainOptions(family=family, output=""))
+    assert not hasattr(recipe("fuyu"), "start_positions_as_places")
+    placed, _ = build_model_and_processor(TrainOptions(family="fuyu", output="", positions_as_places=True))
+    small, _ = build_model_and_processor(TrainOptions(family="fuyu", output=""))
     before, after = small.state_dict(), placed.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_qwen2_vl_gets_qwen3_vl_positions_started_as_places(tmp_path):
+    """The recipe's Qwen2-VL has Qwen3-VL's learned positions (an 8 x 8 table, small at first); with
+    `--positions-as-places` they start as places at twice the patches' norm. A checkpoint without a table (Qwen2-VL's
+    own design, as the models shipped before had) gets one added, every other weight as saved, and keeps it when
+    saved and loaded again."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_patterns.training.train import build_model_and_processor
+    from vlm_patterns.training.vit_positions import SCALE, sincos_places, task_pixels
+
+    small, processor = build_model_and_processor(TrainOptions(family="qwen2_vl", output=""))
+    placed, _ = build_model_and_processor(TrainOptions(family="qwen2_vl", output="", positions_as_places=True))
+    assert small.config.vision_config.num_position_embeddings == 64
+    table, patches = placed.model.visual.pos_embed.weight.detach(), small.model.visual.pos_embed.weight.detach()
+    places = sincos_places(8, 8, table.shape[1])
+    torch.testing.assert_close(table, table.norm() / places.norm() * places)
+    assert table.norm(dim=-1).mean() > 8 * patches.norm(dim=-1).mean()  # the usual start is small
+    changed = [name for name, value in small.state_dict().items() if not torch.equal(value, placed.state_dict()[name])]
+    assert changed == ["model.visual.pos_embed.weight"]
+
+    small.config.vision_config.num_position_embeddings = 0  # Qwen2-VL's own tower: no table
+    without = AutoModelForImageTextToText.from_config(small.config)
+    without.load_state_dict({k: v for k, v in small.state_dict().items() if "pos_embed" not in k})
+    assert without.model.visual.pos_embed is None
+    without.save_pretrained(tmp_path / "without")
+    processor.save_pretrained(tmp_path / "without")
+    added, _ = build_model_and_processor(TrainOptions(family="qwen2_vl", output="", positions_as_places=True,
+                                                      init_from=str(tmp_path / "without")))  # fmt: skip
+    state = added.state_dict()
+    assert set(state) - set(without.state_dict()) == {"model.visual.pos_embed.weight"}
+    assert all(torch.equal(value, state[name]) for name, value in without.state_dict().items())
+    with torch.no_grad():
+        patch_norm = added.model.visual.patch_embed(task_pixels(processor.image_processor)).norm(dim=-1).mean()
+        assert added.model.visual.pos_embed.weight.norm(dim=-1).mean().item() == pytest.approx(
+            SCALE * patch_norm.item()
+        )
+    added.save_pretrained(tmp_path / "added")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "added")
+    assert reloaded.config.vision_config.num_position_embeddings == 64
+    assert torch.equal(reloaded.model.visual.pos_embed.weight, added.model.visual.pos_embed.weight)
 
 
 def test_fuyu_has_no_vision_encoder_stage(tmp_path):

@@ -85,7 +85,8 @@ def add_positions_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positions-as-places", action="store_true",
                         help="start the ViT's learned positions as 2D sin-cos of each patch's place, twice as large "
                              "as the patches' own embeddings: a new model's, not small and random, or with --from the "
-                             "checkpoint's, replaced (LLaVA, Flamingo; training/vit_positions.py)")  # fmt: skip
+                             "checkpoint's, replaced (LLaVA, Flamingo, and Qwen2-VL's Qwen3-VL table, added to a "
+                             "checkpoint without one; training/vit_positions.py)")  # fmt: skip
 
 
 def add_vision_arguments(parser: argparse.ArgumentParser) -> None:

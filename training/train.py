@@ -257,11 +257,10 @@ def start_positions(model, processor, options: TrainOptions):
     """With --positions-as-places, the ViT's learned positions (a new model's, or with --from the checkpoint's,
     replaced) set to its patches' places; the model as it was otherwise."""
     from .recipes import recipe
-    from .vit_positions import start_positions_as_places
 
     family = recipe(options.family)
-    if options.positions_as_places and hasattr(family, "vision_embeddings"):
-        start_positions_as_places(family.vision_embeddings(model), processor.image_processor)
+    if options.positions_as_places and hasattr(family, "start_positions_as_places"):
+        family.start_positions_as_places(model, processor.image_processor)
     return model
 
 

@@ -13,8 +13,9 @@ is the shipped recipe's third run (training/retrain.sh, POSITIONS=reset): Flamin
 question at 85% after 5000 steps of every kind, against 43% for the same steps without it. Centring the table (the
 same varying part, without the shared one) named shapes no faster and, in one run, did not leave the position
 question's prior by step 1800, though its loss fell as far. The positions stay learned parameters; this is where
-they start, and a checkpoint is laid out exactly as before. Qwen2-VL's ViT has no learned positions (2D rotary), and
-Fuyu no encoder.
+they start, and a checkpoint is laid out exactly as before. Qwen2-VL's own ViT has no learned positions (2D rotary);
+the recipe gives it Qwen3-VL's, a square table resampled to each image (`start_learned_positions_as_places`, for a
+checkpoint without one adding it). Fuyu has no encoder.
 """
 
 import math
@@ -42,17 +43,36 @@ def sincos_places(columns: int, rows: int, width: int) -> torch.Tensor:
     return torch.cat([f(angle) for angle in angles for f in (torch.sin, torch.cos)], dim=-1)
 
 
+def task_pixels(image_processor) -> torch.Tensor:
+    """The same task pictures each time (seed 0), prepared by `image_processor`: what the patches' norm is measured on."""
+    rng = np.random.default_rng(0)
+    pictures = [draw_scene(rng, int(rng.integers(1, 4)))[0] for _ in range(PICTURES)]
+    return image_processor(pictures, return_tensors="pt")["pixel_values"]
+
+
+def scaled_places(side: int, patches: torch.Tensor, scale: float = SCALE) -> torch.Tensor:
+    """`sincos_places` over a side x side grid, scaled to `scale` times the mean norm of `patches` (..., width)."""
+    table = sincos_places(side, side, patches.shape[-1]).to(patches)
+    return table * (scale * patches.norm(dim=-1).mean() / table.norm(dim=-1).mean())
+
+
 @torch.no_grad()
 def start_positions_as_places(embeddings, image_processor, scale: float = SCALE) -> None:
     """Set a square CLIP-style ViT's patch positions (`embeddings.position_embedding`, the class token's first and
-    left as it is) to `sincos_places`, scaled to `scale` times the mean norm of its patch embeddings over task
-    pictures prepared by `image_processor`."""
-    rng = np.random.default_rng(0)
-    pictures = [draw_scene(rng, int(rng.integers(1, 4)))[0] for _ in range(PICTURES)]
-    pixels = image_processor(pictures, return_tensors="pt")["pixel_values"]
+    left as it is) to `scaled_places`, measured on task pictures prepared by `image_processor`."""
+    pixels = task_pixels(image_processor)
     pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # Flamingo's (B, I, C, S, S)
     weight = embeddings.position_embedding.weight
     patches = embeddings.patch_embedding(pixels.to(weight.dtype)).flatten(2).transpose(1, 2)  # (I, P, D)
-    side = math.isqrt(weight.shape[0] - 1)
-    table = sincos_places(side, side, weight.shape[1]).to(weight)
-    weight[1:] = table * (scale * patches.norm(dim=-1).mean() / table.norm(dim=-1).mean())
+    weight[1:] = scaled_places(math.isqrt(weight.shape[0] - 1), patches, scale)
+
+
+@torch.no_grad()
+def start_learned_positions_as_places(visual, image_processor, side: int = 8, scale: float = SCALE) -> None:
+    """Set a Qwen2-VL vision tower's learned positions (Qwen3-VL's square table, resampled to each image; added as
+    a side x side table where the tower has none) to `scaled_places`."""
+    if visual.pos_embed is None:
+        visual.add_learned_positions(side * side)
+    weight = visual.pos_embed.weight
+    patches = visual.patch_embed(task_pixels(image_processor).to(weight.dtype))  # (N, D): every picture's patches
+    weight.copy_(scaled_places(math.isqrt(weight.shape[0]), patches, scale))

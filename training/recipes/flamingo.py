@@ -51,6 +51,12 @@ def encoder_token_places(model, inputs: dict) -> list[torch.Tensor]:
 
 
 def vision_embeddings(model):
-    """The ViT's patch and position embeddings, whose positions `--positions-as-places` starts as places
-    (training/vit_positions.py)."""
+    """The ViT's patch and position embeddings."""
     return model.model.vision_model.embeddings
+
+
+def start_positions_as_places(model, image_processor) -> None:
+    """`--positions-as-places`: the ViT's learned positions set to its patches' places (training/vit_positions.py)."""
+    from ..vit_positions import start_positions_as_places
+
+    start_positions_as_places(vision_embeddings(model), image_processor)

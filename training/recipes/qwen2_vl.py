@@ -1,4 +1,13 @@
-"""Qwen2-VL at training-from-scratch size: native resolution, 28 x 28 pixels per visual token."""
+"""Qwen2-VL at training-from-scratch size: native resolution, 28 x 28 pixels per visual token, and the learned
+positions its successor Qwen3-VL adds to the patches.
+
+Qwen2-VL's ViT places patches by 2D rotary positions alone, and its language model reads a token's column from the
+slowest rotary pairs only (M-RoPE gives width the last sections): 0.003 radians per column at this size. Trained so,
+the model answered "is the circle left of the square?" at chance in every run (the README's left/right bullet). Its
+rotary phases steer attention; where a token lies has to be in what it hands on. Qwen3-VL adds learned positions, a
+square table resampled to each image's grid, to the patch embeddings; with them, started as places, the same model
+learned the question (the README measures it).
+"""
 
 import torch
 
@@ -8,6 +17,8 @@ from vlm_patterns.processing import Qwen2VLPatternImageProcessor, Qwen2VLPattern
 from ..synthetic_vqa import MAX_SIDE
 from . import text_config
 
+PLACE_GRID = 8  # the learned positions' side: 8 x 8, resampled to each image (up to 12 x 12 patches here)
+
 TOKENS = dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>")  # Qwen2-VL adds no BOS
 
 
@@ -16,7 +27,7 @@ def config(tokenizer, text: dict) -> Qwen2VLPatternConfig:
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     return Qwen2VLPatternConfig(
         vision_config=dict(depth=3, embed_dim=96, num_heads=4, mlp_ratio=2.0, hidden_act="gelu",
-                           out_hidden_size=text["hidden_size"]),
+                           out_hidden_size=text["hidden_size"], num_position_embeddings=PLACE_GRID**2),
         text_config=text_config(tokenizer, text, qkv_bias=True, rope_theta=10000.0,
                                 mrope_section=[head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
@@ -35,11 +46,11 @@ def encoder_tokens(model, inputs: dict) -> list[torch.Tensor]:
     """The ViT blocks' output, before the PatchMerger (the connector, trained with the task): one (patches, width)
     tensor per image, in the processor's merge-window order (`vlm-patterns pretrain-vision`)."""
     visual, patches = model.model.visual, inputs["pixel_values"]
-    lengths, rotary = visual.layout(patches, inputs["image_grid_thw"])
-    hidden_states = visual.patch_embed(patches)
+    layout = visual.layout(patches, inputs["image_grid_thw"])
+    hidden_states = visual.embed(patches, layout)
     for block in visual.blocks:
-        hidden_states = block(hidden_states, rotary, lengths)
-    return list(hidden_states.split(lengths))
+        hidden_states = block(hidden_states, layout.rotary, layout.lengths)
+    return list(hidden_states.split(layout.lengths))
 
 
 def encoder_token_places(model, inputs: dict) -> list[torch.Tensor]:
@@ -53,3 +64,11 @@ def encoder_token_places(model, inputs: dict) -> list[torch.Tensor]:
         grid = raster_places(w, h).view(h // m, m, w // m, m, 2).permute(0, 2, 1, 3, 4)  # windows, then within
         places.append(grid.reshape(h * w, 2).repeat(t, 1))
     return places
+
+
+def start_positions_as_places(model, image_processor) -> None:
+    """`--positions-as-places`: the ViT's learned positions set to its patches' places, a table added first to a
+    checkpoint without one (training/vit_positions.py)."""
+    from ..vit_positions import start_learned_positions_as_places
+
+    start_learned_positions_as_places(model.model.visual, image_processor, PLACE_GRID)

@@ -1,5 +1,7 @@
 """Configs of the Qwen2-VL (native resolution) pattern. Defaults reproduce `Qwen/Qwen2-VL-2B-Instruct`."""
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -27,7 +29,9 @@ QWEN2_VL_2B_TEXT = dict(
 @strict
 class Qwen2VLVisionTowerConfig(PreTrainedConfig):
     """A ViT over (temporal_patch_size x patch_size x patch_size) patches at any resolution, with 2D RoPE and a
-    PatchMerger that joins each spatial_merge_size^2 window into one token of `out_hidden_size` (the LLM width)."""
+    PatchMerger that joins each spatial_merge_size^2 window into one token of `out_hidden_size` (the LLM width).
+    `num_position_embeddings` (0: none, as in Qwen2-VL): Qwen3-VL's learned absolute positions, a square table of
+    that many entries resampled to each image's patch grid and added to its patch embeddings."""
 
     model_type = "qwen2_vl_pattern_vision"
     base_config_key = "vision_config"
@@ -44,6 +48,7 @@ class Qwen2VLVisionTowerConfig(PreTrainedConfig):
     out_hidden_size: int = 1536
     layer_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    num_position_embeddings: int = 0
     initializer_range: float = 0.02
 
     @property
@@ -61,6 +66,12 @@ class Qwen2VLVisionTowerConfig(PreTrainedConfig):
         if self.head_dim % 4:
             raise ValueError(
                 f"head_dim {self.head_dim} must be a multiple of 4: 2D RoPE gives half to rows, half to columns"
+            )
+        side = math.isqrt(self.num_position_embeddings) if self.num_position_embeddings > 0 else 0
+        if self.num_position_embeddings and (side < 2 or side * side != self.num_position_embeddings):
+            raise ValueError(
+                f"num_position_embeddings must be 0 (none) or a square of at least 4 (a table of side x side "
+                f"learned positions), not {self.num_position_embeddings}"
             )
 
 
