@@ -40,11 +40,11 @@ def vision_position_ids(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor
     return torch.cat(positions).to(grid_thw.device)
 
 
-def resampling_taps(grid_thw: torch.Tensor, merge_size: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+def resampling_taps(positions: torch.Tensor, grid_thw: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each patch reads a side x side table resampled to its image's grid, bilinearly with the corners aligned
     (each image's first and last rows and columns land on the table's, as Qwen3-VL resamples its positions):
-    (N, 4) indices into the flattened table and (N, 4) weights, in the processor's patch order."""
-    places = vision_position_ids(grid_thw, merge_size).float()  # (N, 2) row, column
+    `positions` from `vision_position_ids` -> (N, 4) indices into the flattened table and (N, 4) weights."""
+    places = positions.float()  # (N, 2) row, column
     sizes = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grid_thw.tolist()])
     source = places * (side - 1) / (sizes.to(places) - 1).clamp(min=1)  # each patch's place on the table
     low = source.floor()
@@ -262,8 +262,9 @@ class Qwen2VLVisionTower(nn.Module):
         # Each temporal step of an image attends to itself only, as Qwen2-VL's cumulative lengths say.
         lengths = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
         grid_thw = grid_thw.to(pixel_values.device)
-        rotary = self.rotary_pos_emb(vision_position_ids(grid_thw, config.spatial_merge_size))
+        positions = vision_position_ids(grid_thw, config.spatial_merge_size)
+        rotary = self.rotary_pos_emb(positions)
         taps = None
         if self.pos_embed is not None:
-            taps = resampling_taps(grid_thw, config.spatial_merge_size, math.isqrt(config.num_position_embeddings))
+            taps = resampling_taps(positions, grid_thw, math.isqrt(config.num_position_embeddings))
         return VisionLayout(lengths, rotary, taps)
