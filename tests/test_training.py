@@ -713,6 +713,12 @@ def test_qwen2_vl_gets_qwen3_vl_positions_started_as_places(tmp_path):
     from vlm_patterns.training.train import build_model_and_processor
     from vlm_patterns.training.vit_positions import SCALE, sincos_places, task_pixels
 
+    # The families whose positions training/retrain.sh resets (it asks the recipes the same question).
+    assert [f for f in recipe_names() if hasattr(recipe(f), "start_positions_as_places")] == [
+        "flamingo",
+        "llava",
+        "qwen2_vl",
+    ]
     small, processor = build_model_and_processor(TrainOptions(family="qwen2_vl", output=""))
     placed, _ = build_model_and_processor(TrainOptions(family="qwen2_vl", output="", positions_as_places=True))
     assert small.config.vision_config.num_position_embeddings == 64

@@ -297,12 +297,6 @@ def plot(results: list[Evaluation], curves: dict, path: Path, run_starts: dict[i
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for family, curve in curves.items():
         left.plot([p["examples"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", label=family)
-    # Each point is measured on the held-out questions of its own run; a run on some kinds only has no points.
-    # Labels alternate between two heights, so that two runs that start close together stay readable.
-    for row, (start, label) in enumerate(sorted((run_starts or {}).items())):
-        left.axvline(start, color="grey", linestyle=":")
-        left.annotate(label, (start, 0), xycoords=("data", "axes fraction"), xytext=(4, 6 + 12 * (row % 2)),
-                      textcoords="offset points", color="grey")  # fmt: skip
     left.set(xlabel="training examples seen", ylabel="held-out accuracy (%)", title="Learning curves")
     left.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))  # 200k, not 200000 run into its neighbours
     left.grid(alpha=0.3)
@@ -315,5 +309,17 @@ def plot(results: list[Evaluation], curves: dict, path: Path, run_starts: dict[i
     right.set(xlabel="visual tokens per image", ylabel="held-out accuracy (%)", title="Accuracy vs visual tokens")
     right.grid(alpha=0.3)
     figure.tight_layout()
+    # Each point is measured on the held-out questions of its own run; a run on some kinds only has no points.
+    # Each label goes on the lowest line it fits on after the labels already there (measured once laid out), so
+    # runs that start close together, or after a long label, stay readable.
+    renderer, line_ends = figure.canvas.get_renderer(), []  # per line: where its last label ends, in pixels
+    for start, label in sorted((run_starts or {}).items()):
+        left.axvline(start, color="grey", linestyle=":")
+        x = left.transData.transform((start, 0))[0]
+        line = next((i for i, end in enumerate(line_ends) if end < x), len(line_ends))
+        text = left.annotate(label, (start, 0), xycoords=("data", "axes fraction"), xytext=(4, 6 + 12 * line),
+                             textcoords="offset points", color="grey")  # fmt: skip
+        end = text.get_window_extent(renderer).x1 + 4
+        line_ends[line : line + 1] = [end]
     figure.savefig(path, dpi=120)
     plt.close(figure)
