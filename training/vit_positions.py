@@ -57,7 +57,7 @@ def scaled_places(side: int, patches: torch.Tensor, scale: float = SCALE) -> tor
 
 
 @torch.no_grad()
-def start_positions_as_places(embeddings, image_processor, scale: float = SCALE) -> None:
+def start_clip_positions_as_places(embeddings, image_processor, scale: float = SCALE) -> None:
     """Set a square CLIP-style ViT's patch positions (`embeddings.position_embedding`, the class token's first and
     left as it is) to `scaled_places`, measured on task pictures prepared by `image_processor`."""
     pixels = task_pixels(image_processor)
@@ -68,7 +68,7 @@ def start_positions_as_places(embeddings, image_processor, scale: float = SCALE)
 
 
 @torch.no_grad()
-def start_learned_positions_as_places(visual, image_processor, side: int = 8, scale: float = SCALE) -> None:
+def start_learned_positions_as_places(visual, image_processor, side: int, scale: float = SCALE) -> None:
     """Set a Qwen2-VL vision tower's learned positions (Qwen3-VL's square table, resampled to each image; added as
     a side x side table where the tower has none) to `scaled_places`."""
     if visual.pos_embed is None:

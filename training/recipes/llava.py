@@ -53,6 +53,6 @@ def vision_embeddings(model):
 
 def start_positions_as_places(model, image_processor) -> None:
     """`--positions-as-places`: the ViT's learned positions set to its patches' places (training/vit_positions.py)."""
-    from ..vit_positions import start_positions_as_places
+    from ..vit_positions import start_clip_positions_as_places
 
-    start_positions_as_places(vision_embeddings(model), image_processor)
+    start_clip_positions_as_places(vision_embeddings(model), image_processor)
