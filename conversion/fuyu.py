@@ -145,6 +145,11 @@ def config_from_hub(hub_config: dict, image_newline_token_id: int = 71019) -> Fu
 
 def config_to_hub(config: FuyuPatternConfig) -> dict:
     """A flat config.json in adept/fuyu-8b's format."""
+    if config.num_position_embeddings:
+        raise ValueError(
+            f"This Fuyu adds learned positions to its patches (num_position_embeddings={config.num_position_embeddings}); "
+            "Fuyu's Hub layout has no place for them, so it cannot be exported"
+        )
     text = config.text_config
     if (
         text.norm_type != "layernorm"

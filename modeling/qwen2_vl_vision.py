@@ -4,9 +4,8 @@ No fixed grid and, in Qwen2-VL, no learned position table: each patch gets a 2D 
 images of different sizes are packed into one sequence and attend only within themselves (block-diagonal
 attention, so memory grows with the sum of per-image squares, not the square of the total), and a
 PatchMerger joins every 2x2 window of neighbouring patches into one token for the LLM. Qwen3-VL, the pattern's next
-step, adds learned absolute positions beside the rotary ones: a square table resampled to each image's grid and added
-to the patch embeddings. `num_position_embeddings` turns that on (`visual.pos_embed`, Qwen3-VL's name); Qwen2-VL's own
-checkpoints have none.
+step, adds learned absolute positions beside the rotary ones (resampled_positions.py). `num_position_embeddings`
+turns them on (`visual.pos_embed`, Qwen3-VL's name); Qwen2-VL's own checkpoints have none.
 Parameter names follow `Qwen/Qwen2-VL-*` (`visual.patch_embed.proj`, `visual.blocks.N.attn.qkv`, `visual.merger`).
 
 Axes: I images (or videos), N patches of all images packed, D vision width, H heads, d head dim,
@@ -25,6 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import attention_function
 from .configuration_qwen2_vl import Qwen2VLVisionTowerConfig
+from .resampled_positions import resampled_positions, resampling_taps
 
 
 def vision_position_ids(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
@@ -38,23 +38,6 @@ def vision_position_ids(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor
         hw = torch.stack([rows.permute(0, 2, 1, 3).flatten(), cols.permute(0, 2, 1, 3).flatten()], dim=-1)
         positions.append(hw.repeat(t, 1))
     return torch.cat(positions).to(grid_thw.device)
-
-
-def resampling_taps(positions: torch.Tensor, grid_thw: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each patch reads a side x side table resampled to its image's grid, bilinearly with the corners aligned
-    (each image's first and last rows and columns land on the table's, as Qwen3-VL resamples its positions):
-    `positions` from `vision_position_ids` -> (N, 4) indices into the flattened table and (N, 4) weights."""
-    places = positions.float()  # (N, 2) row, column
-    sizes = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grid_thw.tolist()])
-    source = places * (side - 1) / (sizes.to(places) - 1).clamp(min=1)  # each patch's place on the table
-    low = source.floor()
-    (row_weight, column_weight), (row, column) = (source - low).unbind(-1), low.long().unbind(-1)
-    row_below, column_right = (row + 1).clamp(max=side - 1), (column + 1).clamp(max=side - 1)
-    indices = torch.stack([row * side + column, row * side + column_right,
-                           row_below * side + column, row_below * side + column_right], dim=-1)  # fmt: skip
-    weights = torch.stack([(1 - row_weight) * (1 - column_weight), (1 - row_weight) * column_weight,
-                           row_weight * (1 - column_weight), row_weight * column_weight], dim=-1)  # fmt: skip
-    return indices, weights
 
 
 class VisionRotaryEmbedding2D(nn.Module):
@@ -230,8 +213,7 @@ class Qwen2VLVisionTower(nn.Module):
         """The patches' embeddings (N, D), with the learned positions added where the tower has them."""
         hidden_states = self.patch_embed(pixel_values)
         if self.pos_embed is not None:
-            indices, weights = layout.position_taps
-            positions = (self.pos_embed(indices) * weights[..., None]).sum(1)  # each patch's resampled position
+            positions = resampled_positions(self.pos_embed, *layout.position_taps)  # each patch's own
             hidden_states = hidden_states + positions.to(hidden_states.dtype)
         return hidden_states
 
@@ -266,5 +248,6 @@ class Qwen2VLVisionTower(nn.Module):
         rotary = self.rotary_pos_emb(positions)
         taps = None
         if self.pos_embed is not None:
-            taps = resampling_taps(positions, grid_thw, math.isqrt(config.num_position_embeddings))
+            sizes = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grid_thw.tolist()])
+            taps = resampling_taps(positions, sizes, math.isqrt(config.num_position_embeddings))
         return VisionLayout(lengths, rotary, taps)

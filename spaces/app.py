@@ -63,9 +63,9 @@ TRAINED_FOR = (
     "word is written?* · *Which image has more shapes, the first or the second?* They know no other words (a column "
     "says when a question uses some) and answer anything else with a guess. To a left/right question they first name "
     "the quarter of the width each shape lies in (one to four, from the left), then the answer. Under each column: its "
-    "measured accuracy per kind of question on 3000 held-out ones. The embedded Qwen2-VL adds the learned positions of "
-    "its successor, Qwen3-VL, to its ViT's patches: with Qwen2-VL's rotary positions alone it told left from right at "
-    "chance (the README says why)."
+    "measured accuracy per kind of question on 3000 held-out ones. The embedded Qwen2-VL and Fuyu add learned "
+    "positions to their patches, as Qwen3-VL and Mono-InternVL do: with only their own designs' positions (rotary "
+    "phases, and Fuyu's newline tokens) they told left from right at chance (the README says why)."
 )
 KIND_NAMES = {"color": "color", "shape": "shape", "count": "count", "position": "left/right", "read": "word",
               "compare": "two images"}  # fmt: skip

@@ -188,18 +188,21 @@ def test_qwen2_vl_export_round_trip_is_bit_exact(qwen2_vl_pair, tmp_path, varian
     assert_same_tensors(all_tensors(again), all_tensors(converted))
 
 
-def test_qwen2_vl_with_learned_positions_is_not_exported(qwen2_vl_pair, tmp_path):
-    """Qwen3-VL's learned positions (the embedded model's) have no place in Qwen2-VL's Hub layout: refused up
-    front, nothing written."""
+@pytest.mark.parametrize("family", ["qwen2_vl", "fuyu"])
+def test_learned_positions_are_not_exported(qwen2_vl_pair, fuyu_pair, tmp_path, family):
+    """The learned positions the embedded Qwen2-VL and Fuyu have (Qwen3-VL's, Mono-InternVL's) have no place in
+    Qwen2-VL's or Fuyu's Hub layout: refused up front, nothing written."""
+    from vlm_patterns.conversion.fuyu import export_fuyu
     from vlm_patterns.conversion.qwen2_vl import export_qwen2_vl
 
-    _, converted = qwen2_vl_pair("hub-tied")
+    _, converted = qwen2_vl_pair("hub-tied") if family == "qwen2_vl" else fuyu_pair()
     model = AutoModelForImageTextToText.from_pretrained(converted)
-    model.model.visual.add_learned_positions(16)
+    (model.model.visual if family == "qwen2_vl" else model.model).add_learned_positions(16)
     model.save_pretrained(tmp_path / "ours")
     AutoProcessor.from_pretrained(converted).save_pretrained(tmp_path / "ours")
+    export = export_qwen2_vl if family == "qwen2_vl" else export_fuyu
     with pytest.raises(ValueError, match="no place for them"):
-        export_qwen2_vl(tmp_path / "ours", tmp_path / "exported")
+        export(tmp_path / "ours", tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
 
 

@@ -182,3 +182,42 @@ def test_answers_are_decoded_after_the_answer_token(fuyu_pair):
     assert answer == processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     boxes = processor.post_process_box_coordinates(generated, inputs["image_scale_factors"])
     assert len(boxes) == 1 and isinstance(boxes[0], str)
+
+
+def test_learned_positions_read_each_patchs_place_from_the_placeholder_rows(fuyu_pair):
+    """`num_position_embeddings` adds a learned table to the projected patches, resampled to each image's grid. The
+    places come from the placeholder rows alone, on a left-padded batch of two sizes; the positions added are the
+    table resampled as transformers' own helper resamples Qwen3-VL's (bilinear, corners aligned, raster order)."""
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    from vlm_patterns.modeling.modeling_fuyu import image_patch_places
+
+    _, converted = fuyu_pair("small-canvas")
+    processor = AutoProcessor.from_pretrained(converted)
+    inputs = processor(images=[photo_like_image(40, 40, 1), photo_like_image(170, 110, 2)],
+                       text=["Hi.\n", "Describe the picture in a few words.\n"])  # fmt: skip
+    mask = inputs["input_ids"] == processor.image_token_id
+    places, sizes = image_patch_places(inputs["input_ids"], processor.image_token_id, processor.image_newline_token_id)
+    grids = inputs["image_patch_grid"]  # (rows, columns) per image
+    for i, (rows, columns) in enumerate(grids.tolist()):
+        raster = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(columns), indexing="ij"), -1)
+        assert torch.equal(places[i][mask[i]], raster.reshape(-1, 2))
+        assert (sizes[i][mask[i]] == torch.tensor([rows, columns])).all()
+
+    model = AutoModelForImageTextToText.from_pretrained(converted).eval()
+    model.model.add_learned_positions(16)
+    with torch.no_grad():
+        model.model.vision_pos_embed.weight.copy_(torch.randn(16, model.config.text_config.hidden_size))
+        added = model.model.patch_positions(inputs["input_ids"])[mask]
+    grid_thw = torch.cat([torch.ones(len(grids), 1, dtype=torch.long), grids], 1)
+    indices, weights = get_vision_interpolation_indices_and_weights(grid_thw, 4, "bilinear", align_corners=True)
+    expected = (model.model.vision_pos_embed(indices) * weights[..., None]).sum(1)
+    assert torch.allclose(added, expected, atol=1e-6)
+    captured = {}
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    projected = model.model.vision_embed_tokens(inputs["pixel_values"])
+    assert torch.allclose(captured["x"][mask], projected + expected, atol=1e-5)
+    assert torch.equal(captured["x"][~mask], model.get_input_embeddings()(inputs["input_ids"])[~mask])

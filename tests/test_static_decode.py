@@ -208,13 +208,16 @@ def test_shipped_checkpoints_answer_the_same_through_both_paths(shipped, family)
 
 
 @pytest.mark.timeout(600)
-def test_qwen2_vls_learned_positions_are_read_alike_by_the_compiled_prompt_pass(shipped):
-    """The shipped Qwen2-VL adds Qwen3-VL's learned positions to its patches (the converted ones have none): the
-    compiled prompt pass, with the positions' taps read on the host, gives the eager tokens."""
+@pytest.mark.parametrize(("family", "table"), [("qwen2_vl", lambda m: m.model.visual.pos_embed),
+                                               ("fuyu", lambda m: m.model.vision_pos_embed)])  # fmt: skip
+def test_learned_positions_are_read_alike_by_the_compiled_prompt_pass(shipped, family, table):
+    """The shipped Qwen2-VL and Fuyu add learned positions, resampled to each image, to their patches (the converted
+    ones have none): the compiled prompt pass (Qwen2-VL's taps read on the host, Fuyu's places found on the device
+    inside the graph) gives the eager tokens."""
     from vlm_patterns.training.synthetic_vqa import held_out_seed, make_example
 
-    model, processor = shipped["qwen2_vl"]
-    assert model.model.visual.pos_embed is not None
+    model, processor = shipped[family]
+    assert table(model) is not None
     example = make_example(held_out_seed(0), kinds=("position",))
     inputs = model_inputs(processor, example.images[:1], example.question)
     options = dict(max_new_tokens=8, do_sample=False)

@@ -444,7 +444,7 @@ def test_the_retraining_script_trains_evaluates_compares_and_resumes(tmp_path):
         return retrain(tmp_path, *families, **changes)
 
     out = call("fuyu", "llava", POSITIONS="places")
-    assert "language model 64 wide x 3 layers, ViT positions that start as places" in out
+    assert "language model 64 wide x 3 layers, learned positions that start as places" in out
     assert "fuyu: training (the first run)" in out
     assert "2 to train side by side" in out
     assert "fuyu: training (the second run)" in out and "fuyu: trained" in out
@@ -509,11 +509,11 @@ def test_the_retraining_script_refuses_settings_it_cannot_run(changes, message, 
 
 def test_the_retraining_script_later_runs_reset_positions_then_stretch_on_left_and_right(tmp_path):
     """The shipped recipe's later runs, here after one first run: the whole model, each from the one before on a
-    stream of its own; the first of them resets LLaVA's ViT positions to places (POSITIONS=reset, the default), and
-    Fuyu, with no ViT, is not given the option. Then the stretch on the position question alone, and every kind."""
+    stream of its own; the first of them resets the learned positions to places (POSITIONS=reset, the default):
+    LLaVA's ViT's and Fuyu's resampled table. Then the stretch on the position question alone, and every kind."""
     out = retrain(tmp_path / "later", "fuyu", "llava", VISION_STEPS="0", SECOND_STEPS="0", LATER_STEPS="2",
                   LATER_RUNS="2", POSITIONS="reset", POSITION_STEPS="2", LAST_STEPS="3")  # fmt: skip
-    assert "then 2 x 2 steps at 2.5e-4, the whole model, ViT positions reset to places first" in out
+    assert "then 2 x 2 steps at 2.5e-4, the whole model, learned positions reset to places first" in out
     assert "; then 2 steps on the position question alone and 3 of every kind, at 2.5e-4" in out
     assert "llava: training (the second run)" in out and "fuyu: training (the third run)" in out
     assert "fuyu: training (the position run)" in out and "llava: training (the last run)" in out
@@ -527,7 +527,7 @@ def test_the_retraining_script_later_runs_reset_positions_then_stretch_on_left_a
         assert [o["seed"] for o in options] == [6, 5, 4, 3, 0]
         assert [o["steps"] for o in options] == [3, 2, 2, 2, 2]
         assert [o["kinds"] for o in options] == [[], ["position"], [], [], []]
-        assert [o["positions_as_places"] for o in options] == [False, False, False, family == "llava", False]
+        assert [o["positions_as_places"] for o in options] == [False, False, False, True, False]
         assert {o["learning_rate"] for o in options[:4]} == {2.5e-4}
         assert [o["warmup_steps"] for o in options[:2]] == [100, 100]
     # The stretch was checked on the position question alone, so the learning curve leaves its points out, and the
@@ -693,62 +693,58 @@ def test_positions_as_places_is_an_option_of_both_stages():
         assert read(parser.parse_args([command, "llava", "--output", "x", "--positions-as-places"])).positions_as_places
 
 
-def test_fuyu_has_no_learned_positions_to_start():
-    from vlm_patterns.training.train import build_model_and_processor
+# Each family's resampled table (modeling/resampled_positions.py): the module that holds it, its attribute and key,
+# the config that sizes it, and the family's patch embeddings.
+RESAMPLED_TABLES = {
+    "qwen2_vl": (lambda m: m.model.visual, "pos_embed", "model.visual.pos_embed.weight",
+                 lambda m: m.config.vision_config, lambda m: m.model.visual.patch_embed),
+    "fuyu": (lambda m: m.model, "vision_pos_embed", "model.vision_pos_embed.weight", lambda m: m.config,
+             lambda m: m.model.get_image_features),
+}  # fmt: skip
 
-    assert not hasattr(recipe("fuyu"), "start_positions_as_places")
-    placed, _ = build_model_and_processor(TrainOptions(family="fuyu", output="", positions_as_places=True))
-    small, _ = build_model_and_processor(TrainOptions(family="fuyu", output=""))
-    before, after = small.state_dict(), placed.state_dict()
-    assert all(torch.equal(before[name], after[name]) for name in before)
 
-
-def test_qwen2_vl_gets_qwen3_vl_positions_started_as_places(tmp_path):
-    """The recipe's Qwen2-VL has Qwen3-VL's learned positions (an 8 x 8 table, small at first); with
-    `--positions-as-places` they start as places at twice the patches' norm. A checkpoint without a table (Qwen2-VL's
-    own design, as the models shipped before had) gets one added, every other weight as saved, and keeps it when
-    saved and loaded again."""
+@pytest.mark.parametrize("family", list(RESAMPLED_TABLES))
+def test_resampled_positions_start_as_places_and_are_added_to_a_checkpoint_without_them(family, tmp_path):
+    """The recipe's Qwen2-VL and Fuyu have a learned table of positions resampled to each image (Qwen3-VL's and
+    Mono-InternVL's; 8 x 8, small at first); with `--positions-as-places` it starts as places at twice the patches'
+    norm. A checkpoint without a table (the family's own design, as the models shipped before had) gets one added,
+    every other weight as saved, and keeps it when saved and loaded again."""
     from transformers import AutoModelForImageTextToText
 
     from vlm_patterns.training.train import build_model_and_processor
     from vlm_patterns.training.vit_positions import SCALE, sincos_places, task_pixels
 
+    owner, name, key, config_of, embed_patches = RESAMPLED_TABLES[family]
     # The families whose positions training/retrain.sh resets (it asks the recipes the same question).
-    assert [f for f in recipe_names() if hasattr(recipe(f), "start_positions_as_places")] == [
-        "flamingo",
-        "llava",
-        "qwen2_vl",
-    ]
-    small, processor = build_model_and_processor(TrainOptions(family="qwen2_vl", output=""))
-    placed, _ = build_model_and_processor(TrainOptions(family="qwen2_vl", output="", positions_as_places=True))
-    assert small.config.vision_config.num_position_embeddings == 64
-    table, patches = placed.model.visual.pos_embed.weight.detach(), small.model.visual.pos_embed.weight.detach()
+    assert [f for f in recipe_names() if hasattr(recipe(f), "start_positions_as_places")] == sorted(FAMILIES)
+    small, processor = build_model_and_processor(TrainOptions(family=family, output=""))
+    placed, _ = build_model_and_processor(TrainOptions(family=family, output="", positions_as_places=True))
+    assert config_of(small).num_position_embeddings == 64
+    table, usual = getattr(owner(placed), name).weight.detach(), getattr(owner(small), name).weight.detach()
     places = sincos_places(8, 8, table.shape[1])
     torch.testing.assert_close(table, table.norm() / places.norm() * places)
-    assert table.norm(dim=-1).mean() > 8 * patches.norm(dim=-1).mean()  # the usual start is small
-    changed = [name for name, value in small.state_dict().items() if not torch.equal(value, placed.state_dict()[name])]
-    assert changed == ["model.visual.pos_embed.weight"]
+    assert table.norm(dim=-1).mean() > 8 * usual.norm(dim=-1).mean()  # the usual start is small
+    changed = [k for k, value in small.state_dict().items() if not torch.equal(value, placed.state_dict()[k])]
+    assert changed == [key]
 
-    small.config.vision_config.num_position_embeddings = 0  # Qwen2-VL's own tower: no table
+    config_of(small).num_position_embeddings = 0  # the family's own design: no table
     without = AutoModelForImageTextToText.from_config(small.config)
-    without.load_state_dict({k: v for k, v in small.state_dict().items() if "pos_embed" not in k})
-    assert without.model.visual.pos_embed is None
+    without.load_state_dict({k: v for k, v in small.state_dict().items() if k != key})
+    assert getattr(owner(without), name) is None
     without.save_pretrained(tmp_path / "without")
     processor.save_pretrained(tmp_path / "without")
-    added, _ = build_model_and_processor(TrainOptions(family="qwen2_vl", output="", positions_as_places=True,
+    added, _ = build_model_and_processor(TrainOptions(family=family, output="", positions_as_places=True,
                                                       init_from=str(tmp_path / "without")))  # fmt: skip
     state = added.state_dict()
-    assert set(state) - set(without.state_dict()) == {"model.visual.pos_embed.weight"}
-    assert all(torch.equal(value, state[name]) for name, value in without.state_dict().items())
+    assert set(state) - set(without.state_dict()) == {key}
+    assert all(torch.equal(value, state[k]) for k, value in without.state_dict().items())
     with torch.no_grad():
-        patch_norm = added.model.visual.patch_embed(task_pixels(processor.image_processor)).norm(dim=-1).mean()
-        assert added.model.visual.pos_embed.weight.norm(dim=-1).mean().item() == pytest.approx(
-            SCALE * patch_norm.item()
-        )
+        patch_norm = embed_patches(added)(task_pixels(processor.image_processor)).norm(dim=-1).mean().item()
+        assert getattr(owner(added), name).weight.norm(dim=-1).mean().item() == pytest.approx(SCALE * patch_norm)
     added.save_pretrained(tmp_path / "added")
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "added")
-    assert reloaded.config.vision_config.num_position_embeddings == 64
-    assert torch.equal(reloaded.model.visual.pos_embed.weight, added.model.visual.pos_embed.weight)
+    assert config_of(reloaded).num_position_embeddings == 64
+    assert torch.equal(getattr(owner(reloaded), name).weight, getattr(owner(added), name).weight)
 
 
 def test_fuyu_has_no_vision_encoder_stage(tmp_path):

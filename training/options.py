@@ -28,7 +28,7 @@ class TrainOptions:
     # The language model's size, the same for every family so that they stay comparable (from scratch only).
     text_width: int = 128
     text_layers: int = 3
-    # A ViT's learned positions start as its patches' places (training/vit_positions.py): a new model's, not small
+    # The learned positions start as the patches' places (training/vit_positions.py): a new model's, not small
     # ones, or with --from the checkpoint's, replaced.
     positions_as_places: bool = False
     without_code: bool = False
@@ -83,10 +83,10 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, defaults, per_step:
 
 def add_positions_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positions-as-places", action="store_true",
-                        help="start the ViT's learned positions as 2D sin-cos of each patch's place, twice as large "
-                             "as the patches' own embeddings: a new model's, not small and random, or with --from the "
-                             "checkpoint's, replaced (LLaVA, Flamingo, and Qwen2-VL's Qwen3-VL table, added to a "
-                             "checkpoint without one; training/vit_positions.py)")  # fmt: skip
+                        help="start the learned positions as 2D sin-cos of each patch's place, twice as large as the "
+                             "patches' own embeddings: a new model's, not small and random, or with --from the "
+                             "checkpoint's, replaced (LLaVA's and Flamingo's ViT positions; Qwen2-VL's and Fuyu's "
+                             "resampled table, added to a checkpoint without one; training/vit_positions.py)")  # fmt: skip
 
 
 def add_vision_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,20 +19,20 @@
 # stage (--vision-learning-rate 1e-4 by default: the encoder the first run kept frozen thaws at a fifth of the rate).
 # With LATER_STEPS (5000; 0: none), LATER_RUNS (1 to 4; 2 by default) later runs of that many steps follow, each from
 # the one before: the whole model at LATER_RATE, each on a stream of examples of its own (seeds 3, 4, ...). POSITIONS
-# says where the learned ViT positions of LLaVA, Flamingo and Qwen2-VL (the Qwen3-VL table its recipe adds,
-# recipes/qwen2_vl.py) start (training/vit_positions.py): reset, the default, replaces them with 2D sin-cos of each
-# patch's place at the first later run, after the encoder has learned shapes with small ones (measured: Flamingo then
-# answers the position question; a reset from scratch slows the stage's naming of shapes); places starts a new model's
-# positions so (--positions-as-places from scratch); small keeps the usual small random start throughout. With
-# POSITION_STEPS (1000; 0: none), a run on the left/right question alone (--kinds position) follows, then LAST_STEPS
-# (6000) of every kind, both at LATER_RATE after 100 warm-up steps, each on a stream of its own: in the mixed stream
-# left/right is one question in six, and LLaVA's answers to it stayed near chance over 10000 steps; a stretch of it
-# alone moved them, and the mixed run after it kept the other kinds (measured; 6000 steps of it gave every family 2 to 5
-# points more than 3000). Each run lands in $OUT/<family>.<first, second, ...> (the stretch in $OUT/<family>.position),
-# the last in $OUT/<family>. Fuyu gets the same steps and rates. The shipped Qwen2-VL got its table later than this:
-# added, as places, to the Qwen2-VL shipped before it (trained to the end without one), then 2500 steps of the stretch
-# and 6000 of every kind; this recipe's path for it (the table from scratch, reset with the others) has not been run to
-# the end.
+# says where the learned positions start (training/vit_positions.py): LLaVA's and Flamingo's ViT positions, and the
+# table resampled to each image that the recipes give Qwen2-VL and Fuyu (as Qwen3-VL and Mono-InternVL have one): reset,
+# the default, replaces them with 2D sin-cos of each patch's place at the first later run, after the encoder has learned
+# shapes with small ones (measured: Flamingo then answers the position question; a reset from scratch slows the stage's
+# naming of shapes); places starts a new model's positions so (--positions-as-places from scratch); small keeps the
+# usual small random start throughout. With POSITION_STEPS (1000; 0: none), a run on the left/right question alone
+# (--kinds position) follows, then LAST_STEPS (6000) of every kind, both at LATER_RATE after 100 warm-up steps, each on
+# a stream of its own: in the mixed stream left/right is one question in six, and LLaVA's answers to it stayed near
+# chance over 10000 steps; a stretch of it alone moved them, and the mixed run after it kept the other kinds (measured;
+# 6000 steps of it gave every family 2 to 5 points more than 3000). Each run lands in $OUT/<family>.<first, second, ...>
+# (the stretch in $OUT/<family>.position), the last in $OUT/<family>. Fuyu gets the same steps and rates. The shipped
+# Qwen2-VL and Fuyu got their tables later than this: added, as places, to the models shipped before them (trained to
+# the end without one), then 2500 steps of the stretch and 6000 of every kind; this recipe's path for them (the table
+# from scratch, reset with the others) has not been run to the end.
 #   bash training/retrain.sh                            # the shipped recipe: stage, 6000 frozen, 1500 thawed, 2 x 5000,
 #                                                       #   1000 on left/right alone, 6000
 #   TRAIN_SECONDS=3600 bash training/retrain.sh         # a CPU: an hour now, more later
@@ -106,9 +106,9 @@ stage=$( [ "$VISION_STEPS" -gt 0 ] && echo "; vision encoders first trained alon
 ($VISION_PICTURES pictures)${AFTER_VISION[*]:+, then trained on with ${AFTER_VISION[*]}}" || true)
 second=$( [ "$SECOND_STEPS" -gt 0 ] && echo "; then $SECOND_STEPS steps at $SECOND_RATE\
 ${SECOND_VISION[*]:+ (${SECOND_VISION[*]} after the stage)}" || true)
-places=$( [ "$POSITIONS" = places ] && echo ", ViT positions that start as places" || true)
+places=$( [ "$POSITIONS" = places ] && echo ", learned positions that start as places" || true)
 later=$( [ "$LATER_STEPS" -gt 0 ] && echo "; then $LATER_RUNS x $LATER_STEPS steps at $LATER_RATE, the whole model\
-$( [ "$POSITIONS" = reset ] && echo ", ViT positions reset to places first" )" || true)
+$( [ "$POSITIONS" = reset ] && echo ", learned positions reset to places first" )" || true)
 position=$( [ "$POSITION_STEPS" -gt 0 ] && echo "; then $POSITION_STEPS steps on the position question alone and \
 $LAST_STEPS of every kind, at $LATER_RATE" || true)
 echo "device: $device; ${FAMILIES[*]}: $STEPS steps, language model ${TEXT_WIDTH} wide x ${TEXT_LAYERS} layers\

@@ -13,9 +13,10 @@ is the shipped recipe's third run (training/retrain.sh, POSITIONS=reset): Flamin
 question at 85% after 5000 steps of every kind, against 43% for the same steps without it. Centring the table (the
 same varying part, without the shared one) named shapes no faster and, in one run, did not leave the position
 question's prior by step 1800, though its loss fell as far. The positions stay learned parameters; this is where
-they start, and a checkpoint is laid out exactly as before. Qwen2-VL's own ViT has no learned positions (2D rotary);
-the recipe gives it Qwen3-VL's, a square table resampled to each image (`start_learned_positions_as_places`, for a
-checkpoint without one adding it). Fuyu has no encoder.
+they start, and a checkpoint is laid out exactly as before. Qwen2-VL's own ViT has no learned positions (2D rotary),
+and Fuyu has no encoder: the recipes give both a square table resampled to each image and added to the patches, as
+Qwen3-VL and Mono-InternVL have (`start_resampled_positions_as_places`; for a checkpoint without one, the recipe adds
+it first).
 """
 
 import math
@@ -68,11 +69,7 @@ def start_clip_positions_as_places(embeddings, image_processor, scale: float = S
 
 
 @torch.no_grad()
-def start_learned_positions_as_places(visual, image_processor, side: int, scale: float = SCALE) -> None:
-    """Set a Qwen2-VL vision tower's learned positions (Qwen3-VL's square table, resampled to each image; added as
-    a side x side table where the tower has none) to `scaled_places`."""
-    if visual.pos_embed is None:
-        visual.add_learned_positions(side * side)
-    weight = visual.pos_embed.weight
-    patches = visual.patch_embed(task_pixels(image_processor).to(weight.dtype))  # (N, D): every picture's patches
-    weight.copy_(scaled_places(math.isqrt(weight.shape[0]), patches, scale))
+def start_resampled_positions_as_places(table, patches: torch.Tensor, scale: float = SCALE) -> None:
+    """Set a square table of learned positions that is resampled to each image (Qwen2-VL's and Fuyu's, in the
+    recipes; modeling/resampled_positions.py) to `scaled_places` of `patches`, the patch embeddings of task pictures."""
+    table.weight.copy_(scaled_places(math.isqrt(table.weight.shape[0]), patches, scale))

@@ -27,6 +27,9 @@ def text_size(width: int = 128, layers: int = 3) -> dict:
 
 # The size the shipped checkpoints were trained at.
 TEXT = text_size()
+# The learned positions Qwen2-VL and Fuyu are given (modeling/resampled_positions.py): an 8 x 8 table, resampled to
+# each image (up to 12 x 12 Qwen2-VL patches, 10 x 10 Fuyu patches here).
+PLACE_GRID = 8
 # One vision width for the two families with a ViT of their own design here (Qwen2-VL's tower has its own names).
 VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, image_size=64,
               patch_size=8, hidden_act="gelu")  # fmt: skip

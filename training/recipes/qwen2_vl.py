@@ -15,9 +15,7 @@ from vlm_patterns.modeling import Qwen2VLPatternConfig
 from vlm_patterns.processing import Qwen2VLPatternImageProcessor, Qwen2VLPatternProcessor
 
 from ..synthetic_vqa import MAX_SIDE
-from . import text_config
-
-PLACE_GRID = 8  # the learned positions' side: 8 x 8, resampled to each image (up to 12 x 12 patches here)
+from . import PLACE_GRID, text_config
 
 TOKENS = dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>")  # Qwen2-VL adds no BOS
 
@@ -66,9 +64,14 @@ def encoder_token_places(model, inputs: dict) -> list[torch.Tensor]:
     return places
 
 
+@torch.no_grad()
 def start_positions_as_places(model, image_processor) -> None:
     """`--positions-as-places`: the ViT's learned positions set to its patches' places, a table added first to a
     checkpoint without one (training/vit_positions.py)."""
-    from ..vit_positions import start_learned_positions_as_places
+    from ..vit_positions import start_resampled_positions_as_places, task_pixels
 
-    start_learned_positions_as_places(model.model.visual, image_processor, PLACE_GRID)
+    visual = model.model.visual
+    if visual.pos_embed is None:
+        visual.add_learned_positions(PLACE_GRID**2)
+    patches = visual.patch_embed(task_pixels(image_processor))  # (N, D): every picture's patches
+    start_resampled_positions_as_places(visual.pos_embed, patches)

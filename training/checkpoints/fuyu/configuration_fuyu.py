@@ -5,6 +5,7 @@ from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_backbones import TextDecoderConfig
+from .resampled_positions import check_num_position_embeddings
 
 # Fuyu-8B's decoder is a Persimmon: LayerNorm, squared-ReLU MLP, biases everywhere, per-head q/k LayerNorm,
 # rotary over half of each head.
@@ -33,7 +34,9 @@ FUYU_8B_TEXT = dict(
 @strict
 class FuyuPatternConfig(PreTrainedConfig):
     """Raw patch_size x patch_size x num_channels patches -> one Linear -> the decoder's embeddings at the image
-    placeholder tokens (`image_token_id`, `|SPEAKER|` in Fuyu's vocabulary); `|NEWLINE|` tokens close each row."""
+    placeholder tokens (`image_token_id`, `|SPEAKER|` in Fuyu's vocabulary); `|NEWLINE|` tokens close each row.
+    `num_position_embeddings` (0: none, as in Fuyu-8B): learned positions, a square table of that many entries
+    resampled to each image's patch grid and added to its projected patches, as Mono-InternVL adds them."""
 
     model_type = "fuyu_pattern"
     sub_configs_defaults = {"text_config": SubConfigSpec(TextDecoderConfig, init_kwargs=FUYU_8B_TEXT)}
@@ -43,6 +46,7 @@ class FuyuPatternConfig(PreTrainedConfig):
     num_channels: int = 3
     image_token_id: int = 71011
     image_newline_token_id: int = 71019
+    num_position_embeddings: int = 0
     tie_word_embeddings: bool = False
 
     @property
@@ -51,6 +55,7 @@ class FuyuPatternConfig(PreTrainedConfig):
         return self.patch_size * self.patch_size * self.num_channels
 
     def validate_fuyu(self):
+        check_num_position_embeddings(self.num_position_embeddings)
         for name in ("image_token_id", "image_newline_token_id"):
             if not 0 <= getattr(self, name) < self.text_config.vocab_size:
                 raise ValueError(

@@ -1,12 +1,11 @@
 """Configs of the Qwen2-VL (native resolution) pattern. Defaults reproduce `Qwen/Qwen2-VL-2B-Instruct`."""
 
-import math
-
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_backbones import TextDecoderConfig
+from .resampled_positions import check_num_position_embeddings
 
 # Qwen2-VL-2B's language model: Qwen2 with QKV bias, grouped-query attention and multimodal RoPE.
 QWEN2_VL_2B_TEXT = dict(
@@ -67,12 +66,7 @@ class Qwen2VLVisionTowerConfig(PreTrainedConfig):
             raise ValueError(
                 f"head_dim {self.head_dim} must be a multiple of 4: 2D RoPE gives half to rows, half to columns"
             )
-        side = math.isqrt(self.num_position_embeddings) if self.num_position_embeddings > 0 else 0
-        if self.num_position_embeddings and (side < 2 or side * side != self.num_position_embeddings):
-            raise ValueError(
-                f"num_position_embeddings must be 0 (none) or a square of at least 4 (a table of side x side "
-                f"learned positions), not {self.num_position_embeddings}"
-            )
+        check_num_position_embeddings(self.num_position_embeddings)
 
 
 @strict
