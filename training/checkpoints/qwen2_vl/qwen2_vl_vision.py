@@ -248,6 +248,6 @@ class Qwen2VLVisionTower(nn.Module):
         rotary = self.rotary_pos_emb(positions)
         taps = None
         if self.pos_embed is not None:
-            sizes = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grid_thw.tolist()])
+            sizes = grid_thw[:, 1:].repeat_interleave(grid_thw.prod(-1), dim=0)  # each patch's image's (h, w)
             taps = resampling_taps(positions, sizes, math.isqrt(config.num_position_embeddings))
         return VisionLayout(lengths, rotary, taps)
